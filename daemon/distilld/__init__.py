@@ -1,0 +1,3 @@
+"""distilld: a declarative distillation daemon."""
+
+__version__ = "0.1.0"

