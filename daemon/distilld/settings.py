@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     )
 
     # Serving loop.
-    commit_interval_ms: int = Field(default=200, ge=0)
+    # 0: commit (asynchronously) after every loop turn; duplicates after a crash stay
+    # within about one batch. Raise it to spare a slow broker.
+    commit_interval_ms: int = Field(default=0, ge=0)
     fallback_dead_letter_topic: str = Field(
         default="distilld.dead-letter",
         description="Dead-letter topic for records whose topic no policy owns.",

@@ -21,11 +21,31 @@ INPUT_PLACEHOLDER = "{input}"
 TOPIC_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
+
+class PolicyFieldError(ValueError):
+    """A cross-field check failed, and ``field`` (a dotted path) is the field at fault.
+
+    pydantic reports a model validator's error at the model's own location; the
+    loader reads ``field`` back from the error so the operator sees which field
+    to change.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN, description="A Kafka topic name.")]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # python-re: pydantic's default (Rust) regex engine has no look-ahead, which
+    # TOPIC_PATTERN needs to refuse the topic names "." and "..".
+    model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
 
 
 class TaskKind(StrEnum):
@@ -56,9 +76,12 @@ class TrafficPolicy(_Strict):
     def _distinct_topics(self) -> TrafficPolicy:
         topics = [self.requests_topic, self.responses_topic, self.dead_letter_topic]
         if len(set(topics)) != 3:
-            raise ValueError(
+            names = ["requests_topic", "responses_topic", "dead_letter_topic"]
+            repeated = next(n for i, n in enumerate(names) if topics[i] in topics[:i])
+            raise PolicyFieldError(
+                repeated,
                 "requests_topic, responses_topic and dead_letter_topic must be three "
-                f"different topics (received {topics})"
+                f"different topics (received {topics})",
             )
         return self
 
@@ -159,9 +182,13 @@ class Policy(_Strict):
         if value is None:
             return None
         if not value.strip():
-            raise ValueError("must not be empty (leave it out for sequence-classification students)")
+            raise ValueError(
+                "must not be empty (leave it out for sequence-classification students)"
+            )
         if INPUT_PLACEHOLDER not in value:
-            raise ValueError(f"must contain the placeholder {INPUT_PLACEHOLDER} (received {value!r})")
+            raise ValueError(
+                f"must contain the placeholder {INPUT_PLACEHOLDER} (received {value!r})"
+            )
         return value
 
     @model_validator(mode="after")
@@ -170,29 +197,44 @@ class Policy(_Strict):
         # schema there is nothing to measure the student against.
         if self.kind is TaskKind.classification:
             if self.labels is None:
-                raise ValueError(
+                raise PolicyFieldError(
+                    "labels",
                     "a classification task needs `labels` (the closed label set); distilld "
-                    "refuses tasks without a measurable quality bar"
+                    "refuses tasks without a measurable quality bar",
                 )
             if self.output_schema is not None:
-                raise ValueError("a classification task takes `labels`, not `output_schema`")
+                raise PolicyFieldError(
+                    "output_schema", "a classification task takes `labels`, not `output_schema`"
+                )
         else:
+            a_kind = f"{_article(self.kind.value)} {self.kind.value}"
             if self.output_schema is None:
-                raise ValueError(
-                    f"a {self.kind.value} task needs `output_schema` (JSON Schema of the output); "
-                    "distilld refuses open-ended tasks without a measurable quality bar"
+                raise PolicyFieldError(
+                    "output_schema",
+                    f"{a_kind} task needs `output_schema` (JSON Schema of the output); "
+                    "distilld refuses open-ended tasks without a measurable quality bar",
                 )
             if self.labels is not None:
-                raise ValueError(f"a {self.kind.value} task takes `output_schema`, not `labels`")
+                raise PolicyFieldError(
+                    "labels",
+                    f"{a_kind} task takes `output_schema`, not `labels`",
+                )
             if self.kind is TaskKind.extraction and not self.output_schema.get("properties"):
-                raise ValueError("an extraction task's output_schema must list `properties` (fields)")
+                raise PolicyFieldError(
+                    "output_schema",
+                    "an extraction task's output_schema must list `properties` (fields)",
+                )
         arch = self.student.architecture
         if arch is Architecture.causal_lm and self.prompt is None:
-            raise ValueError("a causal-lm student needs a `prompt` template containing {input}")
-        if arch is Architecture.sequence_classification and self.kind is not TaskKind.classification:
-            raise ValueError(
+            raise PolicyFieldError(
+                "prompt", "a causal-lm student needs a `prompt` template containing {input}"
+            )
+        is_classification = self.kind is TaskKind.classification
+        if arch is Architecture.sequence_classification and not is_classification:
+            raise PolicyFieldError(
+                "student.architecture",
                 f"a sequence-classification student can only serve classification tasks; "
-                f"use architecture: causal-lm for {self.kind.value}"
+                f"use architecture: causal-lm for {self.kind.value}",
             )
         return self
 

@@ -1,0 +1,3 @@
+from distilld.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The one place that builds and wires the daemon from settings and policies.
+
+Each component receives only the values it needs (a KafkaConfig, a TaskRoute,
+a model directory); nothing below this module reads the global settings.
+Lifecycle: every resource is entered on an ExitStack so that SIGTERM, an error
+or a normal stop closes them in reverse order (loops drained, producer
+flushed, models released, embedded broker stopped).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from distilld.errors import ConfigError, DistilldError
+from distilld.log import alert, get_logger
+from distilld.policy.model import Policy
+from distilld.serving.base import StudentBackend
+from distilld.serving.local import load_local_student
+from distilld.settings import KafkaConfig, Settings
+from distilld.traffic.broker import EmbeddedBroker
+from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
+from distilld.traffic.loop import ServingLoop, ServingStats, TaskRoute
+
+
+def resolve_model_dir(models_dir: Path, model: str) -> Path:
+    """A policy's model path, absolute or under the models directory, that must not escape it."""
+    candidate = Path(model)
+    path = candidate if candidate.is_absolute() else (models_dir / candidate)
+    path = path.resolve()
+    if not candidate.is_absolute() and not path.is_relative_to(models_dir.resolve()):
+        raise ConfigError(
+            f"model path {model!r} resolves to {path}, outside DISTILLD_MODELS_DIR={models_dir}"
+        )
+    if not path.is_dir():
+        raise ConfigError(
+            f"model directory {path} (student.model {model!r}) does not exist; "
+            f"put the model there or set DISTILLD_MODELS_DIR (now {models_dir})"
+        )
+    return path
+
+
+def route_for(policy: Policy) -> TaskRoute:
+    return TaskRoute(
+        task=policy.task,
+        requests_topic=policy.traffic.requests_topic,
+        responses_topic=policy.traffic.responses_topic,
+        dead_letter_topic=policy.traffic.dead_letter_topic,
+        max_input_chars=policy.traffic.max_input_chars,
+        batch_max_size=policy.student.batch.max_size,
+        batch_max_wait_ms=policy.student.batch.max_wait_ms,
+    )
+
+
+def all_topics(policies: dict[str, Policy], settings: Settings) -> list[str]:
+    topics = {settings.fallback_dead_letter_topic}
+    for p in policies.values():
+        topics |= {p.traffic.requests_topic, p.traffic.responses_topic, p.traffic.dead_letter_topic}
+    return sorted(topics)
+
+
+def load_students(policies: dict[str, Policy], models_dir: Path) -> dict[str, StudentBackend]:
+    log = get_logger("app")
+    backends: dict[str, StudentBackend] = {}
+    for task, policy in sorted(policies.items()):
+        model_dir = resolve_model_dir(models_dir, policy.student.model)
+        backends[task] = load_local_student(policy, model_dir, model_version=model_dir.name)
+        log.info(
+            "student.loaded",
+            task=task,
+            model_dir=str(model_dir),
+            architecture=policy.student.architecture.value,
+            model_version=backends[task].model_version,
+        )
+    return backends
+
+
+@contextmanager
+def kafka_connection(settings: Settings, log_dir: Path | None = None) -> Iterator[KafkaConfig]:
+    """The configured cluster, or an embedded Tansu broker for as long as the block runs."""
+    if settings.kafka_bootstrap_servers:
+        yield settings.kafka()
+        return
+    log_path = (log_dir / "tansu.log") if log_dir else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    with EmbeddedBroker(binary=settings.tansu_binary, log_path=log_path) as broker:
+        yield settings.kafka(broker.bootstrap_servers)
+
+
+@dataclass
+class RunningDaemon:
+    """Handle on a running daemon: its Kafka config, its loops' stats, and a stop switch."""
+
+    kafka: KafkaConfig
+    stop_event: threading.Event
+    loops: list[ServingLoop]
+
+    def stats(self) -> list[ServingStats]:
+        return [loop.stats for loop in self.loops]
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Block until every loop has joined its consumer group (partitions assigned)."""
+        deadline = time.monotonic() + timeout_s
+        return all(loop.assigned.wait(max(0.0, deadline - time.monotonic())) for loop in self.loops)
+
+
+@contextmanager
+def running_daemon(
+    settings: Settings, policies: dict[str, Policy], stop_event: threading.Event | None = None
+) -> Iterator[RunningDaemon]:
+    """Start every part, yield while the loops serve on their threads, then shut down."""
+    log = get_logger("app")
+    stop = stop_event or threading.Event()
+    with ExitStack() as stack:
+        kafka = stack.enter_context(kafka_connection(settings, settings.state_dir / "logs"))
+        created = ensure_topics(kafka, all_topics(policies, settings))
+        if created:
+            log.info("kafka.topics_created", topics=created)
+        backends = load_students(policies, settings.models_dir)
+        for backend in backends.values():
+            stack.callback(backend.close)
+        producer = make_producer(kafka)
+        stack.callback(producer.close)
+
+        groups: dict[str, list[Policy]] = {}
+        for policy in policies.values():
+            groups.setdefault(policy.traffic.consumer_group, []).append(policy)
+        loops: list[ServingLoop] = []
+        threads: list[threading.Thread] = []
+        for group, members in sorted(groups.items()):
+            consumer = make_consumer(kafka, group_id=group)
+            stack.callback(consumer.close, autocommit=False)
+            loop = ServingLoop(
+                consumer,
+                producer,
+                [route_for(p) for p in members],
+                {p.task: backends[p.task] for p in members},
+                fallback_dead_letter_topic=settings.fallback_dead_letter_topic,
+                max_message_bytes=kafka.max_message_bytes,
+                commit_interval_ms=settings.commit_interval_ms,
+            )
+            loops.append(loop)
+            threads.append(
+                threading.Thread(
+                    target=_run_loop, args=(loop, stop, group), name=f"serve-{group}", daemon=True
+                )
+            )
+        # Threads are joined before anything on the stack is closed: the loops
+        # drain through the producer and consumers that the stack closes.
+        stack.callback(_join, threads)
+        stack.callback(stop.set)
+        for thread in threads:
+            thread.start()
+        log.info(
+            "daemon.started",
+            tasks=sorted(policies),
+            consumer_groups=sorted(groups),
+            bootstrap_servers=kafka.bootstrap_servers,
+        )
+        yield RunningDaemon(kafka=kafka, stop_event=stop, loops=loops)
+    log.info("daemon.stopped")
+
+
+def _run_loop(loop: ServingLoop, stop: threading.Event, group: str) -> None:
+    try:
+        loop.run(stop)
+    except Exception as exc:  # a dead loop must stop the daemon, not leave it half-alive
+        alert(
+            get_logger("serving"),
+            "serving.loop_crashed",
+            severity="critical",
+            consumer_group=group,
+            error=f"{type(exc).__name__}: {exc}",
+            action="stopping the daemon; uncommitted requests are re-delivered on restart",
+        )
+        stop.set()
+        raise
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(timeout=60)
+
+
+def install_stop_signals(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM / SIGINT set ``stop`` (drain, then exit); returns a function that restores
+    the previous handlers."""
+    log = get_logger("app")
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("daemon.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def run_forever(settings: Settings, policies: dict[str, Policy]) -> list[ServingStats]:
+    """``distilld run``: serve until SIGTERM / SIGINT, then drain and return the stats."""
+    stop = threading.Event()
+    restore = install_stop_signals(stop)
+    try:
+        with running_daemon(settings, policies, stop) as daemon:
+            while not stop.wait(0.5):
+                pass
+            return daemon.stats()
+    except DistilldError:
+        raise
+    finally:
+        restore()

@@ -1,0 +1,130 @@
+"""Command line: parse arguments, call one function, turn DistilldError into a clear message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distilld import __version__
+from distilld.errors import ConfigError, DistilldError, PolicyError
+from distilld.log import configure_logging
+from distilld.settings import Settings, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distilld",
+        description="Declarative distillation daemon: a small student answers production "
+        "traffic from Kafka; policies in YAML say how it is kept good.",
+        epilog="Settings come from DISTILLD_* environment variables (see README.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"distilld {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve the tasks of a policies directory until SIGTERM")
+    run.add_argument("--policies", type=Path, help="policies directory (DISTILLD_POLICIES_DIR)")
+
+    replay = commands.add_parser("replay", help="produce recorded requests (JSONL) into Kafka")
+    replay.add_argument("file", type=Path, help="one request per line, sent as-is")
+    replay.add_argument("--topic", required=True, help="requests topic")
+    replay.add_argument(
+        "--rate", type=float, default=0.0, help="records/s (0: as fast as possible)"
+    )
+    replay.add_argument("--limit", type=int, default=None, help="send at most this many lines")
+    replay.add_argument("--bootstrap-servers", help="host:port (DISTILLD_KAFKA_BOOTSTRAP_SERVERS)")
+
+    policy = commands.add_parser("policy", help="validate policies or print their JSON Schema")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    validate = policy_commands.add_parser("validate", help="check policy files or directories")
+    validate.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    policy_commands.add_parser("schema", help="print the policy JSON Schema (editor completion)")
+
+    demo = commands.add_parser(
+        "demo",
+        help="quick start: embedded broker, Rotten Tomatoes replayed through the daemon, summary",
+    )
+    demo.add_argument("--limit", type=int, default=2000, help="requests to replay (default 2000)")
+    demo.add_argument("--rate", type=float, default=0.0, help="records/s (0: unpaced)")
+    demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        return _dispatch(args, settings)
+    except PolicyError as exc:
+        print(f"distilld: invalid policy: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"distilld: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except DistilldError as exc:
+        print(f"distilld: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "policy":
+        return _policy(args)
+    if args.command == "run":
+        from distilld.app import run_forever
+        from distilld.policy.load import load_policies
+
+        policies = load_policies(args.policies or settings.policies_dir)
+        run_forever(settings, policies)
+        return 0
+    if args.command == "replay":
+        from distilld.traffic.replay import iter_jsonl_lines, replay
+
+        kafka = settings.kafka(args.bootstrap_servers)
+        result = replay(kafka, iter_jsonl_lines(args.file), args.topic, args.rate, args.limit)
+        print(
+            json.dumps(
+                {
+                    "sent": result.sent,
+                    "seconds": round(result.seconds, 3),
+                    "rate": round(result.rate, 1),
+                    "topic": args.topic,
+                }
+            )
+        )
+        return 0
+    if args.command == "demo":
+        from distilld.demo.run import run_demo
+
+        return run_demo(settings, limit=args.limit, rate=args.rate, timeout_s=args.timeout)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from distilld.policy.load import load_policies, load_policy, policy_json_schema
+
+    if args.policy_command == "schema":
+        print(json.dumps(policy_json_schema(), indent=2))
+        return 0
+    problems: list[str] = []
+    for path in args.paths:
+        try:
+            if path.is_dir():
+                found = load_policies(path)
+                for task in sorted(found):
+                    print(f"ok: {path}: task {task!r}")
+            else:
+                policy = load_policy(path)
+                print(f"ok: {path}: task {policy.task!r}")
+        except PolicyError as exc:
+            problems.extend(exc.problems or [str(exc)])
+    if problems:
+        print("distilld: invalid policy:", file=sys.stderr)
+        for line in problems:
+            print(f"  - {line}", file=sys.stderr)
+        return 2
+    return 0

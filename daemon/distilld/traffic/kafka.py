@@ -1,0 +1,87 @@
+"""kafka-python clients built from a KafkaConfig; kafka errors wrapped here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from distilld.errors import BrokerError
+from distilld.settings import KafkaConfig
+
+
+def make_producer(config: KafkaConfig, **overrides: Any) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas: an ack means the record is durable."""
+    options: dict[str, Any] = {
+        "acks": "all",
+        "linger_ms": 2,
+        "retries": 2_147_483_647,
+        "max_in_flight_requests_per_connection": 5,
+        "max_request_size": max(1_048_576, config.max_message_bytes * 2),
+        **config.client_kwargs(),
+        **overrides,
+    }
+    try:
+        return KafkaProducer(**options)
+    except KafkaError as exc:
+        raise BrokerError(
+            f"cannot connect a producer to {config.bootstrap_servers}: {exc}; "
+            "check DISTILLD_KAFKA_BOOTSTRAP_SERVERS and that the broker is up"
+        ) from exc
+
+
+def make_consumer(
+    config: KafkaConfig, group_id: str | None, topics: Iterable[str] = (), **overrides: Any
+) -> KafkaConsumer:
+    """A consumer in ``group_id`` that never commits by itself (we commit after acks)."""
+    options: dict[str, Any] = {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": config.session_timeout_ms,
+        "heartbeat_interval_ms": max(1000, config.session_timeout_ms // 3),
+        "max_partition_fetch_bytes": max(1_048_576, config.max_message_bytes * 2),
+        **config.client_kwargs(),
+        **overrides,
+    }
+    try:
+        consumer = KafkaConsumer(**options)
+    except KafkaError as exc:
+        raise BrokerError(
+            f"cannot connect a consumer to {config.bootstrap_servers}: {exc}; "
+            "check DISTILLD_KAFKA_BOOTSTRAP_SERVERS and that the broker is up"
+        ) from exc
+    topic_list = sorted(set(topics))
+    if topic_list:
+        consumer.subscribe(topic_list)
+    return consumer
+
+
+def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created."""
+    wanted = sorted(set(topics))
+    try:
+        admin = KafkaAdminClient(**config.client_kwargs())
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach the broker at {config.bootstrap_servers}: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        created: list[str] = []
+        for topic in missing:
+            try:
+                admin.create_topics([NewTopic(topic, partitions, 1)])
+                created.append(topic)
+            except TopicAlreadyExistsError:
+                pass  # another replica created it first
+        return created
+    except KafkaError as exc:
+        raise BrokerError(
+            f"cannot create topics {wanted} on {config.bootstrap_servers}: {exc}; "
+            "create them by hand or give distilld the right to (DISTILLD_KAFKA_CREATE_TOPICS)"
+        ) from exc
+    finally:
+        admin.close()

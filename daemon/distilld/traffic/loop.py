@@ -1,0 +1,496 @@
+"""The serving loop: consume -> route -> micro-batch -> answer -> produce -> commit.
+
+One loop per consumer group, on one thread (kafka-python consumers are not
+thread-safe). At-least-once: a record's offset is committed only after the
+broker acknowledged its response or dead-letter record (``acks=all``), so a
+crash at any point re-delivers unanswered records and loses none. Duplicates
+after a crash are bounded by what was in flight since the last commit.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from distilld.log import alert, get_logger
+from distilld.serving.base import Prediction, StudentBackend
+from distilld.serving.batcher import MicroBatcher
+from distilld.traffic.offsets import OffsetTracker
+from distilld.traffic.records import (
+    DeadLetterReason,
+    Rejection,
+    Request,
+    SourcePosition,
+    encode_dead_letter,
+    encode_response,
+    parse_request,
+)
+
+_IDLE_POLL_S = 0.1  # how long an idle poll blocks: bounds the reaction time to SIGTERM
+_RESEND_BACKOFF_S = 1.0
+
+
+@dataclass(frozen=True)
+class TaskRoute:
+    """What the loop needs to know about one task (taken from its policy)."""
+
+    task: str
+    requests_topic: str
+    responses_topic: str
+    dead_letter_topic: str
+    max_input_chars: int
+    batch_max_size: int
+    batch_max_wait_ms: int
+
+
+@dataclass
+class ServingStats:
+    """Counters of one loop; read by the CLI summary, the logs and the benchmarks."""
+
+    polled: int = 0
+    answered: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    batch_items: int = 0
+    invalid_outputs: int = 0
+    commits: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def snapshot(self) -> dict[str, Any]:
+        elapsed = max(1e-9, time.monotonic() - self.started_at)
+        return {
+            "polled": self.polled,
+            "answered": self.answered,
+            "dead_lettered": sum(self.dead_lettered.values()),
+            "dead_lettered_by_reason": dict(self.dead_lettered),
+            "invalid_outputs": self.invalid_outputs,
+            "batches": self.batches,
+            "mean_batch_size": round(self.batch_items / self.batches, 2) if self.batches else 0.0,
+            "answered_per_s": round(self.answered / elapsed, 2),
+        }
+
+
+@dataclass
+class _Waiting:
+    """A valid request polled and waiting for its batch."""
+
+    partition: TopicPartition
+    offset: int
+    request: Request
+    key: bytes | None
+    received_at: float
+    raw: bytes | None
+    timestamp_ms: int | None
+
+
+@dataclass
+class _Outgoing:
+    """A response or dead-letter record not yet acknowledged by the broker."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    kind: str  # "response" or "dead_letter"
+    resend_at: float = 0.0
+
+
+class ServingLoop:
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        routes: list[TaskRoute],
+        backends: Mapping[str, StudentBackend],
+        *,
+        fallback_dead_letter_topic: str,
+        max_message_bytes: int,
+        commit_interval_ms: int = 0,
+        stats_interval_s: float = 30.0,
+        max_poll_records: int | None = None,
+    ) -> None:
+        missing = [r.task for r in routes if r.task not in backends]
+        if missing:
+            raise ValueError(f"no student backend for tasks {missing}")
+        self._consumer = consumer
+        self._producer = producer
+        self._routes = {r.task: r for r in routes}
+        self._backends = backends
+        # Where to dead-letter a record that names no known task: the dead-letter
+        # topic of the (first) policy that reads the record's topic.
+        self._topic_dead_letter: dict[str, str] = {}
+        for route in sorted(routes, key=lambda r: r.task):
+            self._topic_dead_letter.setdefault(route.requests_topic, route.dead_letter_topic)
+        self._fallback_dead_letter_topic = fallback_dead_letter_topic
+        self._max_message_bytes = max_message_bytes
+        self._commit_interval_s = commit_interval_ms / 1000.0
+        self._stats_interval_s = stats_interval_s
+        # Poll about one batch at a time: records wait in the consumer's fetch
+        # buffer rather than in ours, so a crash re-delivers at most a batch or
+        # two of already-answered records.
+        self._max_poll_records = max_poll_records or max(r.batch_max_size for r in routes)
+        self._batchers: dict[str, MicroBatcher[_Waiting]] = {
+            r.task: MicroBatcher(r.batch_max_size, r.batch_max_wait_ms) for r in routes
+        }
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._in_flight: dict[tuple[TopicPartition, int], _Outgoing] = {}
+        self._resend: list[tuple[TopicPartition, int]] = []
+        # Producer callbacks run on kafka-python's I/O thread; they only put
+        # results here and the loop thread applies them.
+        self._acks: queue.SimpleQueue[tuple[TopicPartition, int, BaseException | None]] = (
+            queue.SimpleQueue()
+        )
+        self._last_commit = 0.0
+        self._last_stats = time.monotonic()
+        self._failing_tasks: set[str] = set()
+        self.stats = ServingStats()
+        # Set once the consumer group gave this loop its partitions (readiness).
+        self.assigned = threading.Event()
+        self._log = get_logger("serving")
+
+    # -- public ---------------------------------------------------------------
+
+    def subscribe(self) -> None:
+        topics = sorted({r.requests_topic for r in self._routes.values()})
+        self._consumer.subscribe(topics, listener=_Rebalance(self))
+        self._log.info("serving.subscribed", topics=topics, tasks=sorted(self._routes))
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set, then drain: answer what was polled, commit, return."""
+        self.subscribe()
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.drain()
+
+    def step(self) -> None:
+        """One turn: poll, route, answer due batches, apply acks, commit when due."""
+        polled = self._consumer.poll(
+            timeout_ms=int(self._poll_timeout_s() * 1000), max_records=self._max_poll_records
+        )
+        now = time.monotonic()
+        for partition, records in polled.items():
+            for record in records:
+                self._accept(partition, record, now)
+        self._answer_due_batches(force=False)
+        self._apply_acks()
+        self._resend_failed()
+        self._maybe_commit(force=False)
+        self._maybe_log_stats()
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Answer everything already polled, wait for the broker's acks and commit."""
+        self._answer_due_batches(force=True)
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+            self._apply_acks()
+            self._resend_failed(wait=True)
+        self._maybe_commit(force=True)
+        if self._in_flight:
+            self._log.warning(
+                "serving.drain_incomplete",
+                unacknowledged=len(self._in_flight),
+                note="their offsets are not committed; they will be re-delivered",
+            )
+        self._log.info("serving.drained", **self.stats.snapshot())
+
+    # -- routing --------------------------------------------------------------
+
+    def _accept(self, partition: TopicPartition, record: Any, now: float) -> None:
+        self.stats.polled += 1
+        self._tracker.started(partition, record.offset)
+        raw: bytes | None = record.value
+        parsed = parse_request(raw, self._max_message_bytes)
+        dead_letter_topic = self._topic_dead_letter.get(
+            record.topic, self._fallback_dead_letter_topic
+        )
+        if isinstance(parsed, Rejection):
+            self._dead_letter(partition, record, parsed, dead_letter_topic)
+            return
+        route = self._routes.get(parsed.task)
+        rejection: Rejection | None = None
+        if route is None:
+            rejection = Rejection(
+                DeadLetterReason.unknown_task,
+                f"task {parsed.task!r} is not served here; known tasks: {sorted(self._routes)}",
+            )
+        elif route.requests_topic != record.topic:
+            rejection = Rejection(
+                DeadLetterReason.wrong_topic,
+                f"task {parsed.task!r} reads topic {route.requests_topic!r}, "
+                f"the request came on {record.topic!r}",
+            )
+        elif len(parsed.input) > route.max_input_chars:
+            rejection = Rejection(
+                DeadLetterReason.input_too_large,
+                f"input has {len(parsed.input)} characters; the policy limit "
+                f"(traffic.max_input_chars) is {route.max_input_chars}",
+            )
+            dead_letter_topic = route.dead_letter_topic
+        if rejection is not None:
+            self._dead_letter(partition, record, rejection, dead_letter_topic, request=parsed)
+            return
+        assert route is not None
+        self._batchers[route.task].add(
+            _Waiting(partition, record.offset, parsed, record.key, now, raw, record.timestamp), now
+        )
+
+    def _dead_letter(
+        self,
+        partition: TopicPartition,
+        record: Any,
+        rejection: Rejection,
+        topic: str,
+        request: Request | None = None,
+    ) -> None:
+        source = SourcePosition(record.topic, record.partition, record.offset, record.timestamp)
+        value = encode_dead_letter(
+            record.value,
+            rejection,
+            source,
+            request_id=request.id if request else None,
+            task=request.task if request else None,
+        )
+        self.stats.dead_lettered[rejection.reason.value] += 1
+        self._log.info(
+            "request.dead_lettered",
+            reason=rejection.reason.value,
+            detail=rejection.detail,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            dead_letter_topic=topic,
+        )
+        self._send(partition, record.offset, _Outgoing(topic, record.key, value, "dead_letter"))
+
+    # -- answering ------------------------------------------------------------
+
+    def _poll_timeout_s(self) -> float:
+        waits = [
+            w
+            for b in self._batchers.values()
+            if (w := b.seconds_until_due(time.monotonic())) is not None
+        ]
+        return min([_IDLE_POLL_S, *waits])
+
+    def _answer_due_batches(self, force: bool) -> None:
+        for task, batcher in self._batchers.items():
+            while batcher.is_due(time.monotonic()) or (force and len(batcher)):
+                self._answer(task, batcher.take())
+
+    def _answer(self, task: str, batch: list[_Waiting]) -> None:
+        backend = self._backends[task]
+        try:
+            predictions = backend.predict([w.request.input for w in batch])
+            if len(predictions) != len(batch):
+                raise RuntimeError(
+                    f"backend returned {len(predictions)} predictions for {len(batch)} inputs"
+                )
+        except Exception as exc:  # any backend failure: isolate, never stop serving
+            self._on_backend_failure(task, batch, exc)
+            return
+        if task in self._failing_tasks:
+            self._failing_tasks.discard(task)
+            self._log.info("student.recovered", task=task, alert=True, severity="info")
+        self.stats.batches += 1
+        self.stats.batch_items += len(batch)
+        done_at = time.monotonic()
+        route = self._routes[task]
+        for waiting, prediction in zip(batch, predictions, strict=True):
+            self._respond(route, backend.model_version, waiting, prediction, done_at)
+
+    def _respond(
+        self,
+        route: TaskRoute,
+        model_version: str,
+        waiting: _Waiting,
+        prediction: Prediction,
+        done_at: float,
+    ) -> None:
+        if prediction.error is not None:
+            self.stats.invalid_outputs += 1
+            self._log.warning(
+                "student.invalid_output",
+                task=route.task,
+                id=waiting.request.id,
+                error=prediction.error,
+            )
+        value = encode_response(
+            waiting.request,
+            output=prediction.output,
+            confidence=prediction.confidence,
+            model_version=model_version,
+            latency_ms=(done_at - waiting.received_at) * 1000.0,
+            probabilities=prediction.probabilities,
+            error=prediction.error,
+        )
+        self.stats.answered += 1
+        key = waiting.key if waiting.key is not None else waiting.request.id.encode("utf-8")
+        self._send(
+            waiting.partition,
+            waiting.offset,
+            _Outgoing(route.responses_topic, key, value, "response"),
+        )
+
+    def _on_backend_failure(self, task: str, batch: list[_Waiting], exc: Exception) -> None:
+        if task not in self._failing_tasks:
+            self._failing_tasks.add(task)
+            alert(
+                self._log,
+                "student.failed",
+                severity="error",
+                task=task,
+                error=f"{type(exc).__name__}: {exc}",
+                batch_size=len(batch),
+                action="retrying the requests one by one; those that still fail go to dead-letter",
+            )
+        if len(batch) > 1:
+            # Find the input that breaks the batch instead of failing all of them.
+            for waiting in batch:
+                self._answer(task, [waiting])
+            return
+        waiting = batch[0]
+        route = self._routes[task]
+        rejection = Rejection(
+            DeadLetterReason.student_failed, f"the student failed on this input: {exc}"
+        )
+        source = SourcePosition(
+            waiting.partition.topic,
+            waiting.partition.partition,
+            waiting.offset,
+            waiting.timestamp_ms,
+        )
+        value = encode_dead_letter(
+            waiting.raw, rejection, source, request_id=waiting.request.id, task=task
+        )
+        self.stats.dead_lettered[rejection.reason.value] += 1
+        self._send(
+            waiting.partition,
+            waiting.offset,
+            _Outgoing(route.dead_letter_topic, waiting.key, value, "dead_letter"),
+        )
+
+    # -- producing and committing ---------------------------------------------
+
+    def _send(self, partition: TopicPartition, offset: int, outgoing: _Outgoing) -> None:
+        self._in_flight[(partition, offset)] = outgoing
+        try:
+            future = self._producer.send(outgoing.topic, value=outgoing.value, key=outgoing.key)
+        except KafkaError as exc:
+            self._acks.put((partition, offset, exc))
+            return
+        future.add_callback(lambda _meta: self._acks.put((partition, offset, None)))
+        future.add_errback(lambda err: self._acks.put((partition, offset, err)))
+
+    def _apply_acks(self) -> None:
+        while True:
+            try:
+                partition, offset, error = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            outgoing = self._in_flight.get((partition, offset))
+            if outgoing is None:
+                continue  # partition revoked meanwhile
+            if error is None:
+                del self._in_flight[(partition, offset)]
+                self._tracker.finished(partition, offset)
+            else:
+                self._log.warning(
+                    "serving.send_failed",
+                    topic=outgoing.topic,
+                    kind=outgoing.kind,
+                    error=str(error),
+                    action="will resend; offset stays uncommitted",
+                )
+                outgoing.resend_at = time.monotonic() + _RESEND_BACKOFF_S
+                self._resend.append((partition, offset))
+
+    def _resend_failed(self, wait: bool = False) -> None:
+        if not self._resend:
+            return
+        now = time.monotonic()
+        keep: list[tuple[TopicPartition, int]] = []
+        for key in self._resend:
+            outgoing = self._in_flight.get(key)
+            if outgoing is None:
+                continue
+            if outgoing.resend_at > now and not wait:
+                keep.append(key)
+                continue
+            self._send(key[0], key[1], outgoing)
+        self._resend = keep
+
+    def _maybe_commit(self, force: bool) -> None:
+        """Commit what is acknowledged. In the loop: asynchronously, so serving never waits
+        on the broker; when draining or giving partitions away: synchronously."""
+        now = time.monotonic()
+        if not force and now - self._last_commit < self._commit_interval_s:
+            return
+        self._last_commit = now
+        offsets = self._tracker.committable(include_unchanged=force)
+        if not offsets:
+            return
+        request = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+        try:
+            if force:
+                self._consumer.commit(request)
+            else:
+                self._consumer.commit_async(request, callback=self._on_async_commit)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partitions; whoever owns them now re-reads
+            # from the last committed offset (at-least-once, no loss).
+            self._log.warning("serving.commit_failed", error=str(exc))
+            return
+        self._tracker.mark_committed(offsets)
+        self.stats.commits += 1
+
+    def _on_async_commit(self, offsets: Any, response: Any) -> None:
+        if isinstance(response, Exception):
+            # The next commit carries a later (or the same) point for these partitions.
+            self._log.warning("serving.commit_failed", error=str(response))
+
+    def _maybe_log_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stats >= self._stats_interval_s:
+            self._last_stats = now
+            self._log.info("serving.stats", **self.stats.snapshot())
+
+    # -- rebalance --------------------------------------------------------------
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Before giving partitions away: answer what we hold, commit, forget them."""
+        if not revoked:
+            return
+        self._answer_due_batches(force=True)
+        self._producer.flush(timeout=10)
+        self._apply_acks()
+        self._maybe_commit(force=True)
+        gone = set(revoked)
+        self._tracker.forget(list(gone))
+        for key in [k for k in self._in_flight if k[0] in gone]:
+            del self._in_flight[key]
+        self._log.info("serving.partitions_revoked", partitions=[str(tp) for tp in revoked])
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, loop: ServingLoop) -> None:
+        self._loop = loop
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._loop.on_partitions_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        get_logger("serving").info(
+            "serving.partitions_assigned", partitions=[str(tp) for tp in assigned]
+        )
+        self._loop.assigned.set()

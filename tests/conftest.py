@@ -1,0 +1,13 @@
+"""Shared fixtures: one Tansu broker per session, test models built once and cached.
+
+The fixtures live in ``tests/support`` (on sys.path through pytest's
+``pythonpath`` setting) so that benchmarks can reuse the builders.
+"""
+
+import os
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+pytest_plugins = ["support.kafka", "support.models"]

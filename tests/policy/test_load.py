@@ -1,0 +1,542 @@
+"""Policy files: the shipped examples load, and every mistake gets a clear message.
+
+Each malformed policy must be rejected with a PolicyError whose text names the
+file, the field path and what was expected, never a pydantic dump.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from distilld.errors import PolicyError
+from distilld.policy.load import load_policies, load_policy, policy_json_schema
+from distilld.policy.model import Architecture, Policy, TaskKind
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_POLICIES = REPO_ROOT / "policies"
+
+CLASSIFICATION: dict[str, Any] = {
+    "task": "reviews",
+    "kind": "classification",
+    "labels": ["fresh", "rotten"],
+    "traffic": {
+        "requests_topic": "reviews.requests",
+        "responses_topic": "reviews.responses",
+        "dead_letter_topic": "reviews.dead-letter",
+    },
+    "student": {"model": "reviews-minilm", "batch": {"max_size": 8, "max_wait_ms": 10}},
+}
+
+EXTRACTION: dict[str, Any] = {
+    "task": "address",
+    "kind": "extraction",
+    "output_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+    },
+    "prompt": "Extract city and zip as JSON: {input}",
+    "traffic": {
+        "requests_topic": "address.requests",
+        "responses_topic": "address.responses",
+        "dead_letter_topic": "address.dead-letter",
+    },
+    "student": {"model": "address-smollm2", "architecture": "causal-lm"},
+}
+
+DROP = object()  # marks a field to remove from the base policy
+
+
+def _changed(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with dotted-path ``changes`` applied (DROP removes)."""
+    data = copy.deepcopy(base)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        section = data
+        for part in parents:
+            section = section.setdefault(part, {})
+        if value is DROP:
+            del section[last]
+        else:
+            section[last] = value
+    return data
+
+
+def _write(directory: Path, data: dict[str, Any], name: str = "policy.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _rejection(path: Path) -> PolicyError:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    return caught.value
+
+
+def _assert_readable(error: PolicyError, path: Path) -> None:
+    text = str(error)
+    assert error.problems, "a PolicyError must list its problems"
+    for problem in error.problems:
+        assert problem.startswith(f"{path}: "), problem
+    # pydantic's raw wording and links must not reach the operator.
+    for leak in ("Value error,", "errors.pydantic.dev", "Traceback", "validation error for"):
+        assert leak not in text
+
+
+# --------------------------------------------------------------- shipped examples
+
+
+def test_shipped_policies_load() -> None:
+    policies = load_policies(SHIPPED_POLICIES)
+
+    quick_start = policies["rotten-tomatoes"]
+    assert quick_start.kind is TaskKind.classification
+    assert quick_start.labels == ["fresh", "rotten"]
+    assert quick_start.traffic.requests_topic == "rotten-tomatoes.requests"
+    assert quick_start.traffic.responses_topic == "rotten-tomatoes.responses"
+    assert quick_start.traffic.dead_letter_topic == "rotten-tomatoes.dead-letter"
+    assert quick_start.student.backend == "transformers"
+    assert quick_start.student.architecture is Architecture.sequence_classification
+    assert quick_start.student.model == "rotten-tomatoes-minilm"
+    assert quick_start.student.max_input_tokens == 128
+    assert (quick_start.student.batch.max_size, quick_start.student.batch.max_wait_ms) == (8, 10)
+
+    extraction = [p for p in policies.values() if p.kind is TaskKind.extraction]
+    assert len(extraction) == 1
+    assert extraction[0].student.architecture is Architecture.causal_lm
+    assert extraction[0].output_schema is not None
+    assert {"street", "city", "state", "zip"} <= set(extraction[0].output_schema["properties"])
+    assert "12 Main St" in extraction[0].render_prompt("12 Main St, Springfield IL 62701")
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED_POLICIES.glob("*.y*ml")), ids=lambda p: p.name)
+def test_each_shipped_policy_loads_alone(path: Path) -> None:
+    assert isinstance(load_policy(path), Policy)
+
+
+# -------------------------------------------------------------- malformed fields
+
+# (id, base policy, dotted changes, field path in the message, expected words)
+MALFORMED: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
+    ("task-not-a-string", CLASSIFICATION, {"task": 12}, "task", "expected a valid string"),
+    ("labels-not-a-list", CLASSIFICATION, {"labels": "fresh"}, "labels", "expected a valid list"),
+    ("label-not-a-string", CLASSIFICATION, {"labels": ["a", 2]}, "labels[1]", "valid string"),
+    (
+        "max-input-chars-not-a-number",
+        CLASSIFICATION,
+        {"traffic.max_input_chars": "lots"},
+        "traffic.max_input_chars",
+        "expected a valid integer",
+    ),
+    ("student-not-a-mapping", CLASSIFICATION, {"student": "minilm"}, "student", "a mapping"),
+    (
+        "unknown-top-level-key",
+        CLASSIFICATION,
+        {"lables": ["a", "b"]},
+        "lables",
+        "unknown field; the fields of a policy are: version, task, kind",
+    ),
+    (
+        "unknown-nested-key",
+        CLASSIFICATION,
+        {"student.batch.max_sise": 4},
+        "student.batch.max_sise",
+        "unknown field; the fields of student.batch are: max_size, max_wait_ms",
+    ),
+    (
+        "classification-without-labels",
+        CLASSIFICATION,
+        {"labels": DROP},
+        "labels",
+        "a classification task needs `labels`",
+    ),
+    ("single-label", CLASSIFICATION, {"labels": ["fresh"]}, "labels", "at least two labels"),
+    (
+        "duplicate-labels",
+        CLASSIFICATION,
+        {"labels": ["fresh", "rotten", "fresh"]},
+        "labels",
+        "labels must be distinct (repeated: ['fresh'])",
+    ),
+    ("empty-prompt", EXTRACTION, {"prompt": "   "}, "prompt", "must not be empty"),
+    (
+        "prompt-without-placeholder",
+        EXTRACTION,
+        {"prompt": "Extract the fields."},
+        "prompt",
+        "must contain the placeholder {input}",
+    ),
+    (
+        "causal-lm-without-prompt",
+        EXTRACTION,
+        {"prompt": DROP},
+        "prompt",
+        "a causal-lm student needs a `prompt`",
+    ),
+    (
+        "topic-with-space",
+        CLASSIFICATION,
+        {"traffic.requests_topic": "reviews requests"},
+        "traffic.requests_topic",
+        "expected a Kafka topic name",
+    ),
+    (
+        "topic-too-long",
+        CLASSIFICATION,
+        {"traffic.responses_topic": "r" * 250},
+        "traffic.responses_topic",
+        "1 to 249 characters",
+    ),
+    (
+        "topic-dot-dot",
+        CLASSIFICATION,
+        {"traffic.dead_letter_topic": ".."},
+        "traffic.dead_letter_topic",
+        "not '.' or '..'",
+    ),
+    (
+        "requests-equals-responses",
+        CLASSIFICATION,
+        {"traffic.responses_topic": "reviews.requests"},
+        "traffic.responses_topic",
+        "must be three different topics",
+    ),
+    (
+        "negative-max-input-chars",
+        CLASSIFICATION,
+        {"traffic.max_input_chars": -1},
+        "traffic.max_input_chars",
+        "expected a number greater than 0 (received -1)",
+    ),
+    (
+        "negative-batch-size",
+        CLASSIFICATION,
+        {"student.batch.max_size": -4},
+        "student.batch.max_size",
+        "expected a number greater than or equal to 1 (received -4)",
+    ),
+    (
+        "max-wait-too-large",
+        CLASSIFICATION,
+        {"student.batch.max_wait_ms": 60_000},
+        "student.batch.max_wait_ms",
+        "less than or equal to 10000 (received 60000)",
+    ),
+    ("missing-task", CLASSIFICATION, {"task": DROP}, "task", "required field is missing"),
+    (
+        "bad-task-name",
+        CLASSIFICATION,
+        {"task": "Movie Reviews"},
+        "task",
+        "lowercase letters, digits, '-' and '_', starting with a letter or a digit "
+        "(received 'Movie Reviews')",
+    ),
+    (
+        "unknown-kind",
+        CLASSIFICATION,
+        {"kind": "summarisation"},
+        "kind",
+        "expected one of 'classification', 'extraction' or 'generation'",
+    ),
+    (
+        "extraction-without-schema",
+        EXTRACTION,
+        {"output_schema": DROP},
+        "output_schema",
+        "an extraction task needs `output_schema`",
+    ),
+    (
+        "invalid-json-schema",
+        EXTRACTION,
+        {"output_schema.properties": {"city": {"type": "txet"}}},
+        "output_schema",
+        "is not a valid JSON Schema",
+    ),
+    (
+        "schema-not-an-object",
+        EXTRACTION,
+        {"output_schema": {"type": "string"}},
+        "output_schema",
+        "must describe a JSON object (type: object)",
+    ),
+    (
+        "extraction-schema-without-properties",
+        EXTRACTION,
+        {"output_schema.properties": DROP},
+        "output_schema",
+        "must list `properties`",
+    ),
+    (
+        "labels-on-extraction",
+        EXTRACTION,
+        {"labels": ["a", "b"]},
+        "labels",
+        "an extraction task takes `output_schema`, not `labels`",
+    ),
+    (
+        "schema-on-classification",
+        CLASSIFICATION,
+        {"output_schema": {"type": "object", "properties": {"a": {}}}},
+        "output_schema",
+        "a classification task takes `labels`, not `output_schema`",
+    ),
+    (
+        "sequence-classification-for-extraction",
+        EXTRACTION,
+        {"student.architecture": "sequence-classification"},
+        "student.architecture",
+        "use architecture: causal-lm for extraction",
+    ),
+    (
+        "model-path-escapes",
+        CLASSIFICATION,
+        {"student.model": "../../etc/minilm"},
+        "student.model",
+        "must not contain '..' path parts",
+    ),
+    (
+        "unknown-backend",
+        CLASSIFICATION,
+        {"student.backend": "vllm"},
+        "student.backend",
+        "expected 'transformers'",
+    ),
+    ("unknown-version", CLASSIFICATION, {"version": 2}, "version", "expected 1 (received 2)"),
+    (
+        "reserved-section-empty",
+        CLASSIFICATION,
+        {"teacher": None},
+        "teacher",
+        "the teacher section is not supported by this version of distilld yet; remove it",
+    ),
+    (
+        "reserved-section-filled",
+        CLASSIFICATION,
+        {"monitors": {"accuracy": 0.9}},
+        "monitors",
+        "the monitors section is not supported by this version of distilld yet; remove it",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "changes", "field_path", "expected"),
+    [case[1:] for case in MALFORMED],
+    ids=[case[0] for case in MALFORMED],
+)
+def test_malformed_policy_is_rejected_with_field_path(
+    tmp_path: Path, base: dict[str, Any], changes: dict[str, Any], field_path: str, expected: str
+) -> None:
+    path = _write(tmp_path, _changed(base, changes), name="bad-policy.yaml")
+
+    error = _rejection(path)
+
+    _assert_readable(error, path)
+    matching = [p for p in error.problems if p.startswith(f"{path}: {field_path}: ")]
+    assert matching, f"no problem about {field_path}: {error.problems}"
+    assert any(expected in p for p in matching), matching
+    assert f"{path}: {field_path}: " in str(error)
+
+
+def test_bases_of_malformed_cases_are_valid(tmp_path: Path) -> None:
+    # Otherwise a case could pass because of an unrelated mistake in its base.
+    assert load_policy(_write(tmp_path, CLASSIFICATION, "c.yaml")).task == "reviews"
+    assert load_policy(_write(tmp_path, EXTRACTION, "e.yaml")).task == "address"
+
+
+def test_long_received_values_are_truncated(tmp_path: Path) -> None:
+    path = _write(tmp_path, _changed(CLASSIFICATION, {"traffic.max_input_chars": "x" * 500}))
+
+    (problem,) = _rejection(path).problems
+
+    received = problem[problem.index("(received ") :]
+    assert received.endswith("...)")
+    assert len(received) < 100
+
+
+def test_every_problem_of_one_file_is_reported(tmp_path: Path) -> None:
+    changes = {"task": "Bad", "student.batch.max_size": 0, "alerts": {}, "extra": 1}
+    path = _write(tmp_path, _changed(CLASSIFICATION, changes))
+
+    error = _rejection(path)
+
+    paths = sorted(p.split(": ")[1] for p in error.problems)
+    assert paths == ["alerts", "extra", "student.batch.max_size", "task"]
+
+
+# ---------------------------------------------------------- unreadable files
+
+# (id, file content, expected words)
+UNREADABLE: list[tuple[str, str, str]] = [
+    (
+        "yaml-syntax-error",
+        "task: reviews\n  kind: classification\n",
+        "invalid YAML at line 2, column 7",
+    ),
+    ("unclosed-bracket", "task: reviews\nlabels: [a, b\n", "invalid YAML at line 3"),
+    ("duplicate-key", "task: a\nkind: classification\ntask: b\n", "found the key 'task' twice"),
+    ("empty-file", "", "the file is empty"),
+    ("comments-only", "# nothing here yet\n", "the file is empty"),
+    ("top-level-list", "- task: reviews\n- kind: classification\n", "(received a list)"),
+    ("top-level-scalar", "reviews\n", "expected a mapping (key: value lines) at the top level"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"), [case[1:] for case in UNREADABLE], ids=[c[0] for c in UNREADABLE]
+)
+def test_unreadable_policy_is_rejected(tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(content, encoding="utf-8")
+
+    error = _rejection(path)
+
+    _assert_readable(error, path)
+    assert expected in str(error)
+
+
+def test_missing_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    error = _rejection(path)
+    _assert_readable(error, path)
+    assert "file not found" in str(error)
+
+
+def test_directory_instead_of_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "dir.yaml"
+    path.mkdir()
+    error = _rejection(path)
+    _assert_readable(error, path)
+    assert "is a directory" in str(error)
+
+
+def test_non_utf8_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("task: caf\xe9\n".encode("latin-1"))
+    error = _rejection(path)
+    _assert_readable(error, path)
+    assert "not UTF-8" in str(error)
+
+
+# ------------------------------------------------------------------ directories
+
+
+def test_directory_loads_yaml_and_yml_and_ignores_other_files(tmp_path: Path) -> None:
+    _write(tmp_path, CLASSIFICATION, "a.yaml")
+    _write(tmp_path, EXTRACTION, "b.yml")
+    (tmp_path / "README.md").write_text("not a policy", encoding="utf-8")
+    (tmp_path / "old.yaml.bak").write_text("not: [valid", encoding="utf-8")
+
+    policies = load_policies(tmp_path)
+
+    assert list(policies) == ["reviews", "address"]
+
+
+def test_duplicate_task_names_name_both_files(tmp_path: Path) -> None:
+    first = _write(tmp_path, CLASSIFICATION, "a.yaml")
+    other_topics = {
+        "traffic.requests_topic": "other.requests",
+        "traffic.responses_topic": "other.responses",
+        "traffic.dead_letter_topic": "other.dead-letter",
+    }
+    second = _write(tmp_path, _changed(CLASSIFICATION, other_topics), "b.yaml")
+
+    with pytest.raises(PolicyError) as caught:
+        load_policies(tmp_path)
+
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{second}: task: ")
+    assert str(first) in problem
+    assert "'reviews' is already declared" in problem
+
+
+def test_shared_requests_topic_needs_one_consumer_group(tmp_path: Path) -> None:
+    first = _write(tmp_path, _changed(CLASSIFICATION, {"traffic.consumer_group": "g1"}), "a.yaml")
+    shared = {
+        "task": "address",
+        "traffic.requests_topic": "reviews.requests",
+        "traffic.consumer_group": "g2",
+    }
+    second = _write(tmp_path, _changed(EXTRACTION, shared), "b.yaml")
+
+    with pytest.raises(PolicyError) as caught:
+        load_policies(tmp_path)
+
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{second}: traffic.consumer_group: ")
+    assert str(first) in problem
+    assert "'reviews.requests'" in problem
+    assert "one consumer group reads a topic once" in problem
+
+
+def test_shared_requests_topic_with_one_consumer_group_is_fine(tmp_path: Path) -> None:
+    _write(tmp_path, CLASSIFICATION, "a.yaml")
+    _write(tmp_path, _changed(EXTRACTION, {"traffic.requests_topic": "reviews.requests"}), "b.yaml")
+
+    assert set(load_policies(tmp_path)) == {"reviews", "address"}
+
+
+def test_directory_without_policies_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("policies go here", encoding="utf-8")
+
+    with pytest.raises(PolicyError) as caught:
+        load_policies(tmp_path)
+
+    assert f"{tmp_path}: no policy files (*.yaml, *.yml)" in str(caught.value)
+
+
+def test_missing_directory_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policies(tmp_path / "nowhere")
+
+    assert f"{tmp_path / 'nowhere'}: directory does not exist" in str(caught.value)
+
+
+def test_problems_of_all_files_are_reported_together(tmp_path: Path) -> None:
+    _write(tmp_path, CLASSIFICATION, "good.yaml")
+    bad_kind = _write(tmp_path, _changed(EXTRACTION, {"kind": "poetry"}), "bad-kind.yaml")
+    empty = tmp_path / "empty.yml"
+    empty.write_text("", encoding="utf-8")
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("task: [unclosed\n", encoding="utf-8")
+
+    with pytest.raises(PolicyError) as caught:
+        load_policies(tmp_path)
+
+    problems = caught.value.problems
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{bad_kind}: kind: expected one of")
+    assert problems[1].startswith(f"{empty}: the file is empty")
+    assert problems[2].startswith(f"{syntax}: invalid YAML at line")
+    assert "3 problem(s)" in str(caught.value)
+
+
+# ---------------------------------------------------------------- JSON Schema
+
+
+def test_json_schema_lists_the_policy_fields() -> None:
+    schema = policy_json_schema()
+
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["title"] == "distilld policy"
+    expected = {"version", "task", "kind", "labels", "output_schema", "prompt"}
+    assert expected | {"traffic", "student", "teacher"} <= set(schema["properties"])
+    assert set(schema["required"]) == {"task", "kind", "traffic", "student"}
+    assert json.loads(json.dumps(schema)) == schema
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_json_schema_accepts_the_shipped_policies_and_refuses_typos() -> None:
+    validator = jsonschema.Draft202012Validator(policy_json_schema())
+    for path in sorted(SHIPPED_POLICIES.glob("*.y*ml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert not list(validator.iter_errors(data)), path.name
+
+    assert list(validator.iter_errors(_changed(CLASSIFICATION, {"lables": ["a", "b"]})))
