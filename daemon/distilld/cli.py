@@ -84,6 +84,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "replay":
         from distilld.traffic.replay import iter_jsonl_lines, replay
 
+        if not args.file.is_file():
+            raise DistilldError(f"replay file {args.file} does not exist or is not a file")
         kafka = settings.kafka(args.bootstrap_servers)
         result = replay(kafka, iter_jsonl_lines(args.file), args.topic, args.rate, args.limit)
         print(

@@ -32,12 +32,28 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.ERROR)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=_StdoutLogger,
         cache_logger_on_first_use=False,
     )
     # kafka-python logs through the standard library; keep only its warnings,
     # on stderr, so stdout stays one JSON event per line.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+class _StdoutLogger:
+    """Writes each rendered event as one line to whatever ``sys.stdout`` is *now*
+    (structlog's PrintLogger keeps the stream it was created with, which breaks
+    when stdout is swapped, as pytest's capture does), flushed at once so that
+    a supervisor reading a pipe sees events as they happen."""
+
+    def __init__(self, *_args: Any) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
 def get_logger(component: str) -> Any:

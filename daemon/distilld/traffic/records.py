@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -162,17 +163,22 @@ def encode_response(
         "id": request.id,
         "task": request.task,
         "output": output,
-        "confidence": round(confidence, 6),
+        "confidence": _finite(confidence),
         "model_version": model_version,
         "latency_ms": round(latency_ms, 3),
     }
     if probabilities is not None:
-        doc["probabilities"] = {k: round(v, 6) for k, v in probabilities.items()}
+        doc["probabilities"] = {k: _finite(v) for k, v in probabilities.items()}
     if error is not None:
         doc["error"] = error
     if request.metadata:
         doc["metadata"] = request.metadata
-    return json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _finite(value: float) -> float | None:
+    """A probability as JSON can carry it: NaN or infinity (a broken model) become null."""
+    return round(value, 6) if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

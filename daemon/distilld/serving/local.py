@@ -1,0 +1,559 @@
+"""In-process student backends on transformers (a laptop, CI, or a small deployment).
+
+Two architectures, picked from ``policy.student.architecture``:
+
+* :class:`SequenceClassificationStudent`: an encoder with a classification head
+  (for example all-MiniLM-L6-v2 + head). One forward pass per batch.
+* :class:`CausalLMStudent`: a small chat/instruct model driven by the policy's
+  prompt. Classification scores every label as a continuation of the prompt
+  (so the answer is always in the label set); extraction and generation decode
+  greedily under a JSON-Schema constraint (lm-format-enforcer) and validate the
+  result with jsonschema.
+
+Models load from a local directory only, from safetensors only (pickle
+weights can run code when loaded), and never with remote code. The weights are
+upcast to float32: CPU kernels for bfloat16 are slower on most machines
+(measured: SmolLM2 generation 1.7x slower in bfloat16 on this AVX2 CPU).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, assert_never
+
+import jsonschema
+import torch
+
+from distilld.errors import BackendError, ModelLoadError
+from distilld.policy.model import Architecture, Policy, TaskKind
+from distilld.serving.base import Prediction, StudentBackend
+
+# Prompts scored in one forward pass. Bounds memory when a large batch of long
+# prompts meets a large label set (the cache is copied once per label).
+_PROMPTS_PER_PASS = 16
+
+
+def load_local_student(policy: Policy, model_dir: Path, model_version: str) -> StudentBackend:
+    """Load the student that ``policy`` describes from ``model_dir``.
+
+    Raises ModelLoadError when the directory does not hold a usable model for
+    this policy (missing safetensors, label set mismatch, broken files).
+    """
+    architecture = policy.student.architecture
+    if architecture is Architecture.sequence_classification:
+        return SequenceClassificationStudent(policy, model_dir, model_version)
+    if architecture is Architecture.causal_lm:
+        return CausalLMStudent(policy, model_dir, model_version)
+    assert_never(architecture)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _require_safetensors(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise ModelLoadError(
+            f"student model directory {model_dir} does not exist or is not a directory; "
+            "set student.model in the policy to a directory with config.json, "
+            "*.safetensors and tokenizer files"
+        )
+    if not any(model_dir.glob("*.safetensors")):
+        found = sorted(p.name for p in model_dir.iterdir())
+        raise ModelLoadError(
+            f"no *.safetensors weights in {model_dir} (found: {found}); distilld only loads "
+            "safetensors because pickle weights (pytorch_model.bin) can run code when loaded. "
+            "Convert the checkpoint with `model.save_pretrained(dir)` in a trusted environment"
+        )
+
+
+def _load(what: str, model_dir: Path, load: Callable[[], Any]) -> Any:
+    """Run a transformers loader and turn whatever it raises into ModelLoadError."""
+    try:
+        return load()
+    # transformers and torch raise many unrelated types here (OSError,
+    # ValueError, KeyError, RuntimeError, safetensors errors...); the caller
+    # needs one error that names the directory.
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load the {what} from {model_dir}: {type(exc).__name__}: {exc}. "
+            "Check that the directory holds a complete transformers checkpoint "
+            "(config.json, *.safetensors, tokenizer files) saved with a transformers "
+            "version this daemon supports"
+        ) from exc
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return _load(
+        "tokenizer",
+        model_dir,
+        lambda: AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=False
+        ),
+    )
+
+
+def _load_model(auto_class: Any, model_dir: Path) -> Any:
+    def load() -> Any:
+        model = auto_class.from_pretrained(
+            str(model_dir),
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+            dtype=torch.float32,
+        )
+        return model.eval()
+
+    return _load("model", model_dir, load)
+
+
+def _model_token_limit(tokenizer: Any, config: Any) -> int | None:
+    """The most tokens the model accepts, from its config and its tokenizer (None: unknown)."""
+    limits: list[int] = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    # Tokenizers without a limit report a huge sentinel (about 1e30).
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
+        limits.append(tokenizer_limit)
+    return min(limits) if limits else None
+
+
+def _check_texts(inputs: Sequence[str]) -> list[str]:
+    texts = list(inputs)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise BackendError(
+                f"input {index} of the batch is a {type(text).__name__}, expected str; "
+                "the consumer must send non-text requests to the dead-letter topic"
+            )
+    return texts
+
+
+# --------------------------------------------------------------------------- encoder + head
+
+
+class SequenceClassificationStudent:
+    """An encoder with a classification head whose labels are exactly the policy's label set."""
+
+    def __init__(self, policy: Policy, model_dir: Path, model_version: str) -> None:
+        if policy.kind is not TaskKind.classification or policy.labels is None:
+            raise ModelLoadError(
+                f"task {policy.task!r} is a {policy.kind.value} task; a sequence-classification "
+                "student only serves classification tasks with a label set"
+            )
+        _require_safetensors(model_dir)
+        from transformers import AutoModelForSequenceClassification
+
+        self._version = model_version
+        self._tokenizer: Any = _load_tokenizer(model_dir)
+        self._model: Any = _load_model(AutoModelForSequenceClassification, model_dir)
+
+        id2label = {int(i): str(name) for i, name in self._model.config.id2label.items()}
+        if sorted(id2label.values()) != sorted(policy.labels):
+            raise ModelLoadError(
+                f"the model in {model_dir} predicts labels {sorted(id2label.values())} but "
+                f"policy {policy.task!r} expects {sorted(policy.labels)}; point student.model "
+                "at a model trained for this label set, or fix the policy's labels"
+            )
+        # Report probabilities in the policy's label order, whatever the head's order.
+        self._labels = list(policy.labels)
+        self._column = {name: index for index, name in id2label.items()}
+
+        self._tokenizer.truncation_side = policy.student.truncation_side
+        limit = _model_token_limit(self._tokenizer, self._model.config)
+        wanted = policy.student.max_input_tokens
+        # A policy may allow more tokens than the encoder has positions; cap so
+        # that long inputs are truncated instead of failing the forward pass.
+        self.max_input_tokens = wanted if limit is None else min(wanted, limit)
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    def predict(self, inputs: Sequence[str]) -> list[Prediction]:
+        texts = _check_texts(inputs)
+        if not texts:
+            return []
+        if self._model is None:
+            raise BackendError(f"student {self._version!r} is closed; load it again to predict")
+        try:
+            with torch.inference_mode():
+                encoded = self._tokenizer(
+                    texts,
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_input_tokens,
+                    return_tensors="pt",
+                )
+                logits = self._model(**encoded).logits
+                rows: list[list[float]] = torch.softmax(logits.float(), dim=-1).tolist()
+        except Exception as exc:
+            raise BackendError(
+                f"student {self._version!r} failed on a batch of {len(texts)} inputs: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return [self._prediction(row) for row in rows]
+
+    def _prediction(self, row: list[float]) -> Prediction:
+        probabilities = {label: row[self._column[label]] for label in self._labels}
+        best = max(self._labels, key=probabilities.__getitem__)
+        return Prediction(output=best, confidence=probabilities[best], probabilities=probabilities)
+
+    def close(self) -> None:
+        self._model = None
+        self._tokenizer = None
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- causal LM
+
+
+class CausalLMStudent:
+    """A causal language model answering through the policy's prompt template.
+
+    Classification: each label (followed by the end-of-sequence token, so that
+    a label that is a prefix of another is not favoured) is scored as a
+    continuation of the prompt; the sums of token log-probabilities are
+    softmax-normalised over the label set.
+
+    Extraction / generation: greedy decoding constrained to the policy's
+    output_schema by lm-format-enforcer, then parsed and validated with
+    jsonschema. A output that still fails (for example cut by max_new_tokens)
+    comes back with ``error`` set, never as an exception. Confidence is
+    exp(mean log-probability) of the generated tokens under the unconstrained
+    model, like vLLM's default (raw) logprobs.
+    """
+
+    def __init__(self, policy: Policy, model_dir: Path, model_version: str) -> None:
+        _require_safetensors(model_dir)
+        from transformers import AutoModelForCausalLM
+
+        self._policy = policy
+        self._version = model_version
+        self._tokenizer: Any = _load_tokenizer(model_dir)
+        self._model: Any = _load_model(AutoModelForCausalLM, model_dir)
+
+        eos = self._tokenizer.eos_token_id
+        if not isinstance(eos, int):
+            raise ModelLoadError(
+                f"the tokenizer in {model_dir} has no end-of-sequence token (eos_token_id is "
+                f"{eos!r}); a causal-LM student needs one to end answers"
+            )
+        self._eos: int = eos
+        if self._tokenizer.pad_token_id is None:
+            # Padding positions are masked out, so any token id will do.
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._pad: int = self._tokenizer.pad_token_id
+        self._tokenizer.padding_side = "left"
+        self._chat = bool(getattr(self._tokenizer, "chat_template", None))
+
+        self._label_ids: list[list[int]] = []
+        self._schema: dict[str, Any] | None = None
+        self._validator: jsonschema.Draft202012Validator | None = None
+        self._token_table: Any = None
+        if policy.kind is TaskKind.classification:
+            assert policy.labels is not None  # guaranteed by Policy's validator
+            self._label_ids = [
+                [*self._tokenizer(label, add_special_tokens=False).input_ids, self._eos]
+                for label in policy.labels
+            ]
+            answer_budget = max(len(ids) for ids in self._label_ids)
+        else:
+            assert policy.output_schema is not None  # guaranteed by Policy's validator
+            self._schema = policy.output_schema
+            self._validator = jsonschema.Draft202012Validator(self._schema)
+            self._token_table = _load(
+                "JSON constraint tables", model_dir, self._token_table_for_lmfe
+            )
+            answer_budget = policy.student.max_new_tokens
+
+        # Text budget: the policy's max_input_tokens, but never so much that
+        # template + text + answer overflow the model's positions.
+        template_tokens = len(self._encode([self._prompt("")])[0])
+        limit = _model_token_limit(self._tokenizer, self._model.config)
+        wanted = policy.student.max_input_tokens
+        if limit is not None:
+            room = limit - template_tokens - answer_budget
+            if room < 1:
+                raise ModelLoadError(
+                    f"the model in {model_dir} accepts {limit} tokens, but the prompt template "
+                    f"alone takes {template_tokens} and the answer up to {answer_budget}; "
+                    "shorten the prompt or lower student.max_new_tokens"
+                )
+            wanted = min(wanted, room)
+        self.max_input_tokens = wanted
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    def predict(self, inputs: Sequence[str]) -> list[Prediction]:
+        texts = _check_texts(inputs)
+        if not texts:
+            return []
+        if self._model is None:
+            raise BackendError(f"student {self._version!r} is closed; load it again to predict")
+        try:
+            with torch.inference_mode():
+                prompts = self._encode([self._prompt(t) for t in self._truncate(texts)])
+                if self._label_ids:
+                    return self._classify(prompts)
+                return self._generate_json(prompts)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"student {self._version!r} failed on a batch of {len(texts)} inputs: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        self._model = None
+        self._tokenizer = None
+        self._token_table = None
+        gc.collect()
+
+    # ---- prompts
+
+    def _truncate(self, texts: list[str]) -> list[str]:
+        """Cut each text to max_input_tokens tokens (the text, not the template)."""
+        ids_per_text: list[list[int]] = self._tokenizer(texts, add_special_tokens=False).input_ids
+        limit = self.max_input_tokens
+        keep_start = self._policy.student.truncation_side == "right"
+        out: list[str] = []
+        for text, ids in zip(texts, ids_per_text, strict=True):
+            if len(ids) <= limit:
+                out.append(text)
+            else:
+                kept = ids[:limit] if keep_start else ids[-limit:]
+                out.append(self._tokenizer.decode(kept))
+        return out
+
+    def _prompt(self, text: str) -> str:
+        rendered = self._policy.render_prompt(text)
+        if not self._chat:
+            return rendered
+        prompt = self._tokenizer.apply_chat_template(
+            [{"role": "user", "content": rendered}], tokenize=False, add_generation_prompt=True
+        )
+        return str(prompt)
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        # A chat template already writes the special tokens it needs.
+        ids: list[list[int]] = self._tokenizer(prompts, add_special_tokens=not self._chat).input_ids
+        return ids
+
+    # ---- scoring
+
+    def _label_scores(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Sum of token log-probabilities of every label after every prompt.
+
+        Each prompt runs once; its key/value cache is then copied once per
+        label and only the labels' own tokens run on top of it. Scoring the
+        prompt x label pairs as whole sequences would cost one prompt pass per
+        label instead.
+        """
+        labels = self._label_ids
+        count = len(labels)
+        # Label k is fed without its last token: position t predicts token t + 1.
+        # Every label ends with eos, so each feeds at least one token.
+        width = max(len(ids) for ids in labels) - 1
+        feed = torch.full((count, width), self._pad, dtype=torch.long)
+        feed_mask = torch.zeros((count, width), dtype=torch.long)
+        for k, ids in enumerate(labels):
+            feed[k, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+            feed_mask[k, : len(ids) - 1] = 1
+
+        scores: list[list[float]] = []
+        for start in range(0, len(prompts), _PROMPTS_PER_PASS):
+            chunk = prompts[start : start + _PROMPTS_PER_PASS]
+            input_ids, attention_mask = self._left_pad(chunk)
+            output = self._model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=_position_ids(attention_mask),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            # The prompt's last position predicts every label's first token.
+            first = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+            cache = output.past_key_values
+            cache.batch_repeat_interleave(count)  # row b becomes rows b*count .. b*count+count-1
+            rows = len(chunk)
+            # Labels are right-padded after the prompt: a real token never
+            # attends to the padding that follows it (causal attention).
+            tail_ids = feed.repeat(rows, 1)
+            tail_mask = feed_mask.repeat(rows, 1)
+            lengths = attention_mask.sum(dim=-1).repeat_interleave(count)
+            tail_positions = lengths.unsqueeze(-1) + torch.arange(feed.shape[1])
+            tail = self._model(
+                input_ids=tail_ids,
+                attention_mask=torch.cat(
+                    [attention_mask.repeat_interleave(count, dim=0), tail_mask], dim=-1
+                ),
+                position_ids=tail_positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            rest = torch.log_softmax(tail.logits.float(), dim=-1)
+            for b in range(rows):
+                row_scores: list[float] = []
+                for k, ids in enumerate(labels):
+                    targets = torch.tensor(ids[1:], dtype=torch.long).unsqueeze(-1)
+                    predictors = rest[b * count + k, : len(ids) - 1]
+                    later = float(predictors.gather(-1, targets).sum())
+                    row_scores.append(float(first[b, ids[0]]) + later)
+                scores.append(row_scores)
+        return scores
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+        return input_ids, attention_mask
+
+    def _classify(self, prompts: list[list[int]]) -> list[Prediction]:
+        labels = self._policy.labels
+        assert labels is not None
+        predictions: list[Prediction] = []
+        for scores in self._label_scores(prompts):
+            probs: list[float] = torch.softmax(torch.tensor(scores), dim=-1).tolist()
+            probabilities = dict(zip(labels, probs, strict=True))
+            best = max(labels, key=probabilities.__getitem__)
+            predictions.append(
+                Prediction(output=best, confidence=probabilities[best], probabilities=probabilities)
+            )
+        return predictions
+
+    # ---- JSON generation
+
+    def _token_table_for_lmfe(self) -> Any:
+        """lm-format-enforcer's per-tokenizer table: each token's text and word-start flag.
+
+        lm-format-enforcer 0.11's own transformers integration imports names
+        that transformers 5 removed, so we build the table from its documented
+        extension point (TokenEnforcerTokenizerData) ourselves.
+        """
+        from lmformatenforcer import TokenEnforcerTokenizerData
+
+        tokenizer = self._tokenizer
+        vocab_size = int(self._model.config.vocab_size)
+        special = set(tokenizer.all_special_ids)
+        regular = [i for i in range(min(vocab_size, len(tokenizer))) if i not in special]
+        # A token's text depends on what precedes it (SentencePiece/BPE drop a
+        # leading space at the start of a string): decode it after an anchor
+        # token and cut the anchor's text off.
+        anchor = tokenizer.encode("0", add_special_tokens=False)[-1]
+        anchor_text = tokenizer.decode([anchor])
+        alone = tokenizer.batch_decode([[i] for i in regular])
+        after_anchor = tokenizer.batch_decode([[anchor, i] for i in regular])
+        table = [
+            (i, text[len(anchor_text) :], len(text) - len(anchor_text) > len(solo))
+            for i, text, solo in zip(regular, after_anchor, alone, strict=True)
+        ]
+
+        def decode(ids: list[int]) -> str:
+            # A cut multi-byte character decodes as U+FFFD; the enforcer must
+            # not see it as generated text.
+            return str(tokenizer.decode(ids)).rstrip("\ufffd")
+
+        return TokenEnforcerTokenizerData(table, decode, self._eos, False, vocab_size)
+
+    def _generate_json(self, prompts: list[list[int]]) -> list[Prediction]:
+        """Greedy decoding under the JSON-Schema constraint, one forward pass per step.
+
+        Our own loop rather than ``model.generate``: it needs the raw
+        (unconstrained) log-probability of each chosen token for the
+        confidence, and no sampling setting shipped with the model can leak in.
+        """
+        from lmformatenforcer import JsonSchemaParser, TokenEnforcer
+
+        # One enforcer per batch: it caches a parser state per generated prefix.
+        enforcer = TokenEnforcer(self._token_table, JsonSchemaParser(self._schema))
+        eos = self._eos
+        rows = len(prompts)
+        # The enforcer sees each row without padding: prompt + generated tokens.
+        sequences = [list(p) for p in prompts]
+        generated: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        finished = [False] * rows
+
+        step_ids, attention_mask = self._left_pad(prompts)
+        positions = _position_ids(attention_mask)
+        past: Any = None
+        for _ in range(self._policy.student.max_new_tokens):
+            output = self._model(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            past = output.past_key_values
+            raw = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+            next_tokens: list[int] = []
+            for row in range(rows):
+                if finished[row]:
+                    next_tokens.append(self._pad)  # computed but ignored
+                    continue
+                allowed: list[int] = enforcer.get_allowed_tokens(sequences[row]).allowed_tokens
+                # An empty list means the parser reached a dead end: stop the
+                # row and let validation report the broken output.
+                candidates = torch.tensor(allowed or [eos], dtype=torch.long)
+                token = int(candidates[raw[row, candidates].argmax()])
+                next_tokens.append(token)
+                sequences[row].append(token)
+                generated[row].append(token)
+                logprobs[row].append(float(raw[row, token]))
+                finished[row] = token == eos
+            if all(finished):
+                break
+            step_ids = torch.tensor(next_tokens, dtype=torch.long).unsqueeze(-1)
+            attention_mask = torch.cat(
+                [attention_mask, torch.ones((rows, 1), dtype=torch.long)], dim=-1
+            )
+            positions = positions[:, -1:] + 1
+
+        predictions = []
+        for tokens, token_logprobs in zip(generated, logprobs, strict=True):
+            confidence = math.exp(sum(token_logprobs) / len(token_logprobs))
+            text = str(self._tokenizer.decode(tokens, skip_special_tokens=True))
+            predictions.append(self._validated(text, confidence))
+        return predictions
+
+    def _validated(self, text: str, confidence: float) -> Prediction:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return Prediction(
+                output=text,
+                confidence=confidence,
+                error=f"output is not valid JSON ({exc.msg} at character {exc.pos})",
+            )
+        assert self._validator is not None  # set for every JSON task
+        problems = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+        if problems:
+            first = problems[0]
+            where = "/".join(str(p) for p in first.path) or "(root)"
+            return Prediction(
+                output=text,
+                confidence=confidence,
+                error=f"output does not match output_schema at {where}: {first.message}",
+            )
+        return Prediction(output=value, confidence=confidence)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (left padding gets position 0)."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)

@@ -1,0 +1,148 @@
+"""The command line as an operator uses it: exit codes, messages, the embedded broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distilld.cli import main
+from distilld.settings import KafkaConfig
+from distilld.traffic.kafka import ensure_topics
+from distilld.traffic.replay import read_topic
+from support.kafka import unique, write_sentiment_policy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_policy_validate_accepts_the_shipped_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "validate", str(REPO / "policies")]) == 0
+    out = capsys.readouterr().out
+    assert "task 'rotten-tomatoes'" in out
+    assert "task 'us-address'" in out
+
+
+def test_policy_validate_names_file_and_field_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = (REPO / "policies" / "rotten-tomatoes.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.replace("max_size: 8", "max_size: -4"))
+    assert main(["policy", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: student.batch.max_size" in err
+    assert "Traceback" not in err
+
+
+def test_policy_schema_is_json_with_the_policy_sections(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["policy", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"task", "kind", "labels", "traffic", "student"} <= set(schema["properties"])
+
+
+def test_run_with_an_invalid_settings_value_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DISTILLD_KAFKA_SESSION_TIMEOUT_MS", "soon")
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "DISTILLD_KAFKA_SESSION_TIMEOUT_MS" in err
+    assert "soon" in err
+
+
+def test_replay_produces_every_line_as_is(
+    tmp_path: Path, kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic = unique("replay")
+    ensure_topics(kafka_config, [topic])
+    lines = [json.dumps({"id": f"r-{i}", "task": "t", "input": "x"}) for i in range(20)]
+    lines.append("{broken")
+    path = tmp_path / "traffic.jsonl"
+    path.write_text("\n".join(lines) + "\n\n")
+    code = main(
+        [
+            "replay",
+            str(path),
+            "--topic",
+            topic,
+            "--bootstrap-servers",
+            kafka_config.bootstrap_servers,
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sent"] == 21
+    records = read_topic(kafka_config, topic, until=lambda r: len(r) >= 21, timeout_s=30)
+    assert sorted(r["_key"] for r in records if "id" in r) == sorted(
+        f"r-{i}".encode() for i in range(20)
+    )
+    assert [r["_raw"] for r in records if "_raw" in r] == [b"{broken"]
+
+
+def test_replay_of_a_missing_file_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "replay",
+            "/nonexistent/traffic.jsonl",
+            "--topic",
+            "t",
+            "--bootstrap-servers",
+            "127.0.0.1:1",
+        ]
+    )
+    assert code == 1
+    assert "/nonexistent/traffic.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_without_bootstrap_servers_starts_and_stops_an_embedded_broker(
+    tmp_path: Path, minilm_sentiment_dir: Path
+) -> None:
+    served = write_sentiment_policy(tmp_path, minilm_sentiment_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLD_")}
+    env.update(
+        {
+            "DISTILLD_POLICIES_DIR": str(served.policies_dir),
+            "DISTILLD_MODELS_DIR": str(served.models_dir),
+            "DISTILLD_STATE_DIR": str(served.state_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distilld", "run"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "daemon.started" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    names = [e["event"] for e in events]
+    started = next(e for e in events if e["event"] == "broker.embedded_started")
+    assert started["bootstrap_servers"].startswith("127.0.0.1:")
+    assert "embedded" in started["note"]
+    assert names.index("broker.embedded_started") < names.index("daemon.started")
+    assert "broker.embedded_stopped" in names
+    # The Tansu process is gone with the daemon.
+    pid = started["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

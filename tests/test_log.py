@@ -1,0 +1,29 @@
+"""Structured logs: one JSON object per line, alert events marked as alerts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distilld.log import alert, configure_logging, get_logger
+
+
+def test_events_are_json_lines_and_alerts_are_marked(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "json")
+    log = get_logger("serving")
+    log.info("serving.stats", answered=3)
+    alert(log, "student.failed", severity="error", task="t", error="boom")
+    log.debug("hidden.at.info")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    stats, failure = (json.loads(line) for line in lines)
+    assert stats["event"] == "serving.stats"
+    assert stats["answered"] == 3
+    assert stats["component"] == "serving"
+    assert stats["level"] == "info"
+    assert "alert" not in stats
+    assert failure["alert"] is True
+    assert failure["severity"] == "error"
+    assert failure["task"] == "t"
+    assert failure["timestamp"].endswith("Z")

@@ -1,0 +1,106 @@
+"""The serving loop's handling of a failing student and of batching, on a real broker.
+
+The student here is the labelled FakeStudent: these tests are about the
+loop's machinery (isolation of a poison input, batch sizes), not a model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+
+from distilld.serving.fake import FakeStudent
+from distilld.settings import KafkaConfig
+from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
+from distilld.traffic.loop import ServingLoop, TaskRoute
+from distilld.traffic.replay import read_topic, replay
+from support.kafka import unique
+
+
+def _route(task: str, batch: int, wait_ms: int) -> TaskRoute:
+    return TaskRoute(
+        task=task,
+        requests_topic=f"{task}.requests",
+        responses_topic=f"{task}.responses",
+        dead_letter_topic=f"{task}.dead-letter",
+        max_input_chars=1000,
+        batch_max_size=batch,
+        batch_max_wait_ms=wait_ms,
+    )
+
+
+def _serve(
+    kafka: KafkaConfig, route: TaskRoute, student: FakeStudent, lines: list[bytes], expect: int
+) -> tuple[list[dict[str, object]], list[dict[str, object]], ServingLoop]:
+    ensure_topics(kafka, [route.requests_topic, route.responses_topic, route.dead_letter_topic])
+    replay(kafka, lines, route.requests_topic)
+    consumer = make_consumer(kafka, group_id=unique("group"))
+    producer = make_producer(kafka)
+    loop = ServingLoop(
+        consumer,
+        producer,
+        [route],
+        {route.task: student},
+        fallback_dead_letter_topic="unused.dead-letter",
+        max_message_bytes=100_000,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,))
+    thread.start()
+    try:
+        responses = read_topic(
+            kafka, route.responses_topic, until=lambda r: len(r) >= expect, timeout_s=60
+        )
+        dead = read_topic(
+            kafka,
+            route.dead_letter_topic,
+            until=lambda r: len(r) >= len(lines) - expect,
+            timeout_s=30,
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        consumer.close(autocommit=False)
+        producer.close()
+    return responses, dead, loop
+
+
+def test_a_poison_input_is_isolated_and_dead_lettered_the_rest_answered(
+    kafka_config: KafkaConfig, tmp_path: Path
+) -> None:
+    task = unique("poison")
+    route = _route(task, batch=8, wait_ms=50)
+    lines = [
+        json.dumps(
+            {"id": f"p-{i}", "task": task, "input": "POISON here" if i == 5 else f"text {i}"}
+        ).encode()
+        for i in range(16)
+    ]
+    student = FakeStudent(["a", "b"], fail_on="POISON")
+    responses, dead, loop = _serve(kafka_config, route, student, lines, expect=15)
+    assert sorted(r["id"] for r in responses) == sorted(f"p-{i}" for i in range(16) if i != 5)
+    assert len(dead) == 1
+    assert dead[0]["reason"] == "student_failed"
+    assert dead[0]["id"] == "p-5"
+    assert "POISON" in str(dead[0]["detail"])
+    assert base64.b64decode(str(dead[0]["original_base64"])) == lines[5]
+    assert loop.stats.dead_lettered == {"student_failed": 1}
+    # The failing batch was retried one input at a time.
+    assert 1 in student.batches
+
+
+def test_backlog_is_answered_in_full_batches(kafka_config: KafkaConfig) -> None:
+    task = unique("batching")
+    route = _route(task, batch=8, wait_ms=1000)
+    lines = [
+        json.dumps({"id": f"b-{i}", "task": task, "input": f"text {i}"}).encode() for i in range(64)
+    ]
+    student = FakeStudent(["a", "b"])
+    responses, _dead, _loop = _serve(kafka_config, route, student, lines, expect=64)
+    assert len({r["id"] for r in responses}) == 64
+    # With a backlog waiting, batches fill up instead of waiting max_wait_ms.
+    assert max(student.batches) == 8
+    assert sum(student.batches) == 64
+    assert student.batches.count(8) >= 6
