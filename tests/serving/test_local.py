@@ -296,3 +296,60 @@ def test_causal_lm_extraction_cut_short_reports_an_error(smollm2_dir: Path) -> N
     assert isinstance(prediction.output, str)
     assert prediction.output.startswith("{")
     student.close()
+
+
+@pytest.mark.slow
+def test_causal_lm_extraction_with_a_schema_the_constraint_cannot_enforce(
+    smollm2_dir: Path,
+) -> None:
+    # lm-format-enforcer does not support `not`; the answer must still come
+    # back (valid or with an error), never as an exception.
+    document = extraction_policy(max_new_tokens=16).model_dump()
+    document["output_schema"] = {
+        "type": "object",
+        "properties": {"title": {"not": {"type": "integer"}}},
+        "required": ["title"],
+    }
+    student = load_local_student(Policy.model_validate(document), smollm2_dir, "v")
+    [prediction] = student.predict(["Casablanca came out in 1942."])
+    if prediction.error is None:
+        assert isinstance(prediction.output, dict)
+    else:
+        assert isinstance(prediction.output, str)
+    student.close()
+
+
+@pytest.mark.slow
+def test_causal_lm_label_scores_match_a_plain_forward_pass(smollm2_dir: Path) -> None:
+    # Labels of different token lengths, one a prefix of another: the cached
+    # prompt + padded labels must give what scoring each full sequence gives.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    labels = ["positive", "negative", "neutral review", "pos"]
+    policy = classification_policy(labels, architecture="causal-lm")
+    student = load_local_student(policy, smollm2_dir, "v")
+    texts = ["I loved every minute of it.", "Boring."]
+    predictions = student.predict(texts)
+    student.close()
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_dir), local_files_only=True, dtype=torch.float32
+    ).eval()
+    for text, prediction in zip(texts, predictions, strict=True):
+        chat = [{"role": "user", "content": policy.render_prompt(text)}]
+        prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        scores = []
+        for label in labels:
+            label_ids = [*tokenizer(label, add_special_tokens=False).input_ids]
+            label_ids.append(tokenizer.eos_token_id)
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([prompt_ids + label_ids])).logits[0]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            start = len(prompt_ids) - 1
+            scores.append(sum(float(logprobs[start + i, t]) for i, t in enumerate(label_ids)))
+        probabilities = torch.softmax(torch.tensor(scores), dim=-1).tolist()
+        expected = dict(zip(labels, probabilities, strict=True))
+        assert prediction.probabilities == pytest.approx(expected, abs=1e-4)

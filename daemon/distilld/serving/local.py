@@ -13,7 +13,7 @@ Two architectures, picked from ``policy.student.architecture``:
 Models load from a local directory only, from safetensors only (pickle
 weights can run code when loaded), and never with remote code. The weights are
 upcast to float32: CPU kernels for bfloat16 are slower on most machines
-(measured: SmolLM2 generation 1.7x slower in bfloat16 on this AVX2 CPU).
+(measured: SmolLM2 generation about 1.8x slower in bfloat16 on an AVX2 CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import gc
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -225,7 +226,7 @@ class CausalLMStudent:
 
     Extraction / generation: greedy decoding constrained to the policy's
     output_schema by lm-format-enforcer, then parsed and validated with
-    jsonschema. A output that still fails (for example cut by max_new_tokens)
+    jsonschema. An output that still fails (for example cut by max_new_tokens)
     comes back with ``error`` set, never as an exception. Confidence is
     exp(mean log-probability) of the generated tokens under the unconstrained
     model, like vLLM's default (raw) logprobs.
@@ -276,7 +277,9 @@ class CausalLMStudent:
 
         # Text budget: the policy's max_input_tokens, but never so much that
         # template + text + answer overflow the model's positions.
-        template_tokens = len(self._encode([self._prompt("")])[0])
+        template_tokens = len(
+            _load("chat template", model_dir, lambda: self._encode([self._prompt("")])[0])
+        )
         limit = _model_token_limit(self._tokenizer, self._model.config)
         wanted = policy.student.max_input_tokens
         if limit is not None:
@@ -487,6 +490,7 @@ class CausalLMStudent:
         generated: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finished = [False] * rows
+        stopped: list[str | None] = [None] * rows  # why the constraint gave up on a row
 
         step_ids, attention_mask = self._left_pad(prompts)
         positions = _position_ids(attention_mask)
@@ -507,7 +511,13 @@ class CausalLMStudent:
                 if finished[row]:
                     next_tokens.append(self._pad)  # computed but ignored
                     continue
-                allowed: list[int] = enforcer.get_allowed_tokens(sequences[row]).allowed_tokens
+                try:
+                    allowed: list[int] = enforcer.get_allowed_tokens(sequences[row]).allowed_tokens
+                # lm-format-enforcer raises on schema features it cannot
+                # enforce; one row's problem must not fail the whole batch.
+                except Exception as exc:
+                    stopped[row] = f"{type(exc).__name__}: {exc}"
+                    allowed = []
                 # An empty list means the parser reached a dead end: stop the
                 # row and let validation report the broken output.
                 candidates = torch.tensor(allowed or [eos], dtype=torch.long)
@@ -526,10 +536,16 @@ class CausalLMStudent:
             positions = positions[:, -1:] + 1
 
         predictions = []
-        for tokens, token_logprobs in zip(generated, logprobs, strict=True):
+        for tokens, token_logprobs, reason in zip(generated, logprobs, stopped, strict=True):
             confidence = math.exp(sum(token_logprobs) / len(token_logprobs))
             text = str(self._tokenizer.decode(tokens, skip_special_tokens=True))
-            predictions.append(self._validated(text, confidence))
+            prediction = self._validated(text, confidence)
+            if prediction.error is not None and reason is not None:
+                prediction = replace(
+                    prediction,
+                    error=f"{prediction.error}; the JSON constraint stopped early ({reason})",
+                )
+            predictions.append(prediction)
         return predictions
 
     def _validated(self, text: str, confidence: float) -> Prediction:
