@@ -13,10 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from distilld.app import running_daemon
 from distilld.demo.data import load_rows
+from distilld.policy.load import load_policy
 from distilld.settings import KafkaConfig
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
@@ -220,3 +222,45 @@ def test_sigkill_mid_stream_loses_nothing_and_sigterm_drains(
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert any(e["event"] == "serving.drained" for e in events)
     assert any(e["event"] == "daemon.stopped" for e in events)
+
+
+@pytest.mark.slow
+def test_extraction_with_a_causal_lm_student_through_kafka(
+    tmp_path: Path, broker: EmbeddedBroker, smollm2_dir: Path
+) -> None:
+    # The shipped extraction example, pointed at fresh topics and the test model.
+    text = (REPO / "policies" / "us-address.yaml").read_text()
+    task = f"address-{os.getpid()}-{time.monotonic_ns() % 100_000}"
+    text = text.replace("us-address", task).replace("address-smollm2", smollm2_dir.name)
+    policies_dir = tmp_path / "policies"
+    policies_dir.mkdir()
+    (policies_dir / f"{task}.yaml").write_text(text)
+    served = ServedTask(
+        load_policy(policies_dir / f"{task}.yaml"), policies_dir, smollm2_dir.parent, tmp_path
+    )
+    addresses = [
+        "1600 Pennsylvania Ave NW, Washington, DC 20500",
+        "350 Fifth Avenue, New York, NY 10118",
+        "1 Infinite Loop, Cupertino, CA 95014",
+    ]
+    lines = [request(f"a-{i}", task, a) for i, a in enumerate(addresses)]
+    with running_daemon(served.settings(broker), {task: served.policy}) as daemon:
+        assert daemon.wait_ready(60)
+        replay(daemon.kafka, lines, served.policy.traffic.requests_topic)
+        responses = wait_for_ids(
+            daemon.kafka,
+            served.policy.traffic.responses_topic,
+            {f"a-{i}" for i in range(3)},
+            timeout_s=300,
+        )
+    schema = served.policy.output_schema
+    assert schema is not None
+    for response in responses:
+        assert 0.0 <= response["confidence"] <= 1.0
+        if "error" in response:
+            # Invalid output is reported with the raw text, never passed on as valid.
+            assert isinstance(response["output"], str)
+        else:
+            assert isinstance(response["output"], dict)
+            assert set(response["output"]) <= set(schema["properties"])
+            jsonschema.validate(response["output"], schema)

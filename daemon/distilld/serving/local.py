@@ -99,7 +99,18 @@ def _load_tokenizer(model_dir: Path) -> Any:
     )
 
 
+def quiet_transformers() -> None:
+    """No progress bars or load reports on stdout/stderr: the daemon's output is its
+    JSON event log. Load problems still surface, as ModelLoadError."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def _load_model(auto_class: Any, model_dir: Path) -> Any:
+    quiet_transformers()
+
     def load() -> Any:
         model = auto_class.from_pretrained(
             str(model_dir),
