@@ -214,10 +214,13 @@ def test_sigkill_mid_stream_loses_nothing_and_sigterm_drains(
     counts = ids_answered(responses)
     assert ids <= set(counts), f"unanswered: {sorted(ids - set(counts))[:10]}"
     duplicates = sum(counts.values()) - len(counts)
+    print(f"SIGKILL after {len(answered_before_kill)} answers: {duplicates} duplicates")
     # Re-delivered after the kill: what was answered but not yet committed.
-    # Commits follow every loop turn, so that is about one poll's worth of
-    # batches (max_poll_records=500 in the worst case), never the whole stream.
-    assert duplicates <= 500, f"{duplicates} duplicates"
+    # The loop polls one batch at a time and commits after every turn, so
+    # that is the batch in flight and perhaps the one before (8 measured);
+    # the margin covers a slow machine where acks lag a few batches.
+    batch = served.policy.student.batch.max_size
+    assert duplicates <= 4 * batch, f"{duplicates} duplicates for batches of {batch}"
     assert exit_code == 0
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert any(e["event"] == "serving.drained" for e in events)
