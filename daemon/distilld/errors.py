@@ -52,5 +52,11 @@ class BackendError(DistilldError):
     """A serving backend failed to answer a batch."""
 
 
+class BackendUnavailable(BackendError):
+    """The backend cannot answer right now (down, timing out, overloaded), whatever
+    the inputs: the serving loop holds the batch and retries it later instead of
+    giving up on the requests."""
+
+
 class AssetError(DistilldError):
     """An offline asset (model or data set shipped in a PyPI wheel) is missing."""

@@ -9,8 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from pathlib import Path
 
+import pytest
+
+from distilld.log import configure_logging
 from distilld.serving.fake import FakeStudent
 from distilld.settings import KafkaConfig
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
@@ -104,3 +108,59 @@ def test_backlog_is_answered_in_full_batches(kafka_config: KafkaConfig) -> None:
     assert max(student.batches) == 8
     assert sum(student.batches) == 64
     assert student.batches.count(8) >= 6
+
+
+def test_an_unavailable_student_holds_requests_until_it_returns(
+    kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    task = unique("outage")
+    route = _route(task, batch=4, wait_ms=10)
+    ensure_topics(
+        kafka_config, [route.requests_topic, route.responses_topic, route.dead_letter_topic]
+    )
+    student = FakeStudent(["a", "b"])
+    student.available = False
+    consumer = make_consumer(kafka_config, group_id=unique("group"))
+    producer = make_producer(kafka_config)
+    loop = ServingLoop(
+        consumer,
+        producer,
+        [route],
+        {task: student},
+        fallback_dead_letter_topic="unused.dead-letter",
+        max_message_bytes=100_000,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,))
+    thread.start()
+    try:
+        lines = [
+            json.dumps({"id": f"o-{i}", "task": task, "input": f"t{i}"}).encode() for i in range(40)
+        ]
+        replay(kafka_config, lines, route.requests_topic)
+        deadline = time.monotonic() + 30
+        while loop.stats.polled == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)  # the outage lasts a while: several retries happen
+        # Nothing answered, nothing dead-lettered, and consumption paused
+        # after the first batch instead of piling the topic up in memory.
+        assert loop.stats.answered == 0
+        assert not loop.stats.dead_lettered
+        assert 0 < loop.stats.polled < 40
+        student.available = True
+        responses = read_topic(
+            kafka_config, route.responses_topic, until=lambda r: len(r) >= 40, timeout_s=60
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        consumer.close(autocommit=False)
+        producer.close()
+    assert sorted(r["id"] for r in responses) == sorted(f"o-{i}" for i in range(40))
+    assert loop.stats.dead_lettered == {}
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    unavailable = [e for e in events if e["event"] == "student.unavailable"]
+    assert len(unavailable) == 1, "one alert per outage, not one per retry"
+    assert unavailable[0]["alert"] is True
+    assert any(e["event"] == "student.available_again" for e in events)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 
-from distilld.errors import BackendError
+from distilld.errors import BackendError, BackendUnavailable
 from distilld.serving.base import Prediction
 
 
@@ -23,12 +23,15 @@ class FakeStudent:
         self.fail_on = fail_on
         self.version = version
         self.batches: list[int] = []  # the size of every batch it was given
+        self.available = True  # False: every call raises BackendUnavailable (an outage)
 
     @property
     def model_version(self) -> str:
         return self.version
 
     def predict(self, inputs: Sequence[str]) -> list[Prediction]:
+        if not self.available:
+            raise BackendUnavailable("fake outage: the student is switched off")
         self.batches.append(len(inputs))
         if self.fail_on is not None and any(self.fail_on in text for text in inputs):
             raise BackendError(f"fake failure: an input contains {self.fail_on!r}")

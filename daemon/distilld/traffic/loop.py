@@ -10,6 +10,7 @@ after a crash are bounded by what was in flight since the last commit.
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from distilld.errors import BackendUnavailable
 from distilld.log import alert, get_logger
 from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.batcher import MicroBatcher
@@ -37,6 +39,8 @@ from distilld.traffic.records import (
 
 _IDLE_POLL_S = 0.1  # how long an idle poll blocks: bounds the reaction time to SIGTERM
 _RESEND_BACKOFF_S = 1.0
+_HOLD_FIRST_RETRY_S = 0.5  # first retry of a batch whose backend is unavailable
+_HOLD_MAX_RETRY_S = 30.0  # the back-off doubles up to this
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,15 @@ class _Waiting:
     received_at: float
     raw: bytes | None
     timestamp_ms: int | None
+
+
+@dataclass
+class _Outage:
+    """A task whose backend is unavailable: when it started and when to retry."""
+
+    retry_at: float
+    attempts: int = 1
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -151,6 +164,10 @@ class ServingLoop:
         self._last_commit = 0.0
         self._last_stats = time.monotonic()
         self._failing_tasks: set[str] = set()
+        # Requests held while their task's backend is unavailable, and the outages.
+        self._held: dict[str, list[_Waiting]] = {}
+        self._outages: dict[str, _Outage] = {}
+        self._paused = False
         self.stats = ServingStats()
         # Set once the consumer group gave this loop its partitions (readiness).
         self.assigned = threading.Event()
@@ -183,14 +200,21 @@ class ServingLoop:
         for partition, records in polled.items():
             for record in records:
                 self._accept(partition, record, now)
+        self._retry_held(force=False)
         self._answer_due_batches(force=False)
+        self._pause_while_held()
         self._apply_acks()
         self._resend_failed()
         self._maybe_commit(force=False)
         self._maybe_log_stats()
 
     def drain(self, timeout_s: float = 30.0) -> None:
-        """Answer everything already polled, wait for the broker's acks and commit."""
+        """Answer everything already polled, wait for the broker's acks and commit.
+
+        A batch whose backend is still unavailable gets one last try; if that
+        fails its offsets stay uncommitted and the requests are re-delivered
+        after the restart (never dead-lettered for an outage)."""
+        self._retry_held(force=True)
         self._answer_due_batches(force=True)
         deadline = time.monotonic() + timeout_s
         while self._in_flight and time.monotonic() < deadline:
@@ -198,10 +222,12 @@ class ServingLoop:
             self._apply_acks()
             self._resend_failed(wait=True)
         self._maybe_commit(force=True)
-        if self._in_flight:
+        unanswered = sum(len(batch) for batch in self._held.values())
+        if self._in_flight or unanswered:
             self._log.warning(
                 "serving.drain_incomplete",
                 unacknowledged=len(self._in_flight),
+                unanswered=unanswered,
                 note="their offsets are not committed; they will be re-delivered",
             )
         self._log.info("serving.drained", **self.stats.snapshot())
@@ -287,10 +313,13 @@ class ServingLoop:
 
     def _answer_due_batches(self, force: bool) -> None:
         for task, batcher in self._batchers.items():
-            while batcher.is_due(time.monotonic()) or (force and len(batcher)):
+            while task not in self._held and (
+                batcher.is_due(time.monotonic()) or (force and len(batcher))
+            ):
                 self._answer(task, batcher.take())
 
-    def _answer(self, task: str, batch: list[_Waiting]) -> None:
+    def _answer(self, task: str, batch: list[_Waiting]) -> bool:
+        """Answer one batch; False when the backend is unavailable and the batch is held."""
         backend = self._backends[task]
         try:
             predictions = backend.predict([w.request.input for w in batch])
@@ -298,9 +327,13 @@ class ServingLoop:
                 raise RuntimeError(
                     f"backend returned {len(predictions)} predictions for {len(batch)} inputs"
                 )
-        except Exception as exc:  # any backend failure: isolate, never stop serving
+        except BackendUnavailable as exc:
+            self._hold(task, batch, exc)
+            return False
+        except Exception as exc:  # any other backend failure: isolate, never stop serving
             self._on_backend_failure(task, batch, exc)
-            return
+            return True
+        self._release(task)
         if task in self._failing_tasks:
             self._failing_tasks.discard(task)
             self._log.info("student.recovered", task=task, alert=True, severity="info")
@@ -310,6 +343,68 @@ class ServingLoop:
         route = self._routes[task]
         for waiting, prediction in zip(batch, predictions, strict=True):
             self._respond(route, backend.model_version, waiting, prediction, done_at)
+        return True
+
+    # -- backend outages --------------------------------------------------------
+
+    def _hold(self, task: str, batch: list[_Waiting], exc: Exception) -> None:
+        self._held.setdefault(task, []).extend(batch)
+        now = time.monotonic()
+        outage = self._outages.get(task)
+        if outage is None:
+            self._outages[task] = _Outage(retry_at=now + _HOLD_FIRST_RETRY_S)
+            alert(
+                self._log,
+                "student.unavailable",
+                severity="error",
+                task=task,
+                error=f"{type(exc).__name__}: {exc}",
+                held_requests=len(self._held[task]),
+                action="holding the requests and pausing consumption; retrying with back-off; "
+                "nothing is committed or dead-lettered meanwhile",
+            )
+            return
+        outage.attempts += 1
+        delay = min(_HOLD_MAX_RETRY_S, _HOLD_FIRST_RETRY_S * 2 ** (outage.attempts - 1))
+        outage.retry_at = now + delay * random.uniform(0.8, 1.2)
+        self._log.info(
+            "student.retry_failed",
+            task=task,
+            attempts=outage.attempts,
+            next_retry_s=round(outage.retry_at - now, 2),
+            error=str(exc),
+        )
+
+    def _release(self, task: str) -> None:
+        outage = self._outages.pop(task, None)
+        if outage is not None:
+            self._log.info(
+                "student.available_again",
+                task=task,
+                alert=True,
+                severity="info",
+                attempts=outage.attempts,
+                outage_s=round(time.monotonic() - outage.since, 2),
+            )
+
+    def _retry_held(self, force: bool) -> None:
+        now = time.monotonic()
+        for task in list(self._held):
+            outage = self._outages.get(task)
+            if force or outage is None or outage.retry_at <= now:
+                self._answer(task, self._held.pop(task))
+
+    def _pause_while_held(self) -> None:
+        """While any backend is down, poll without fetching: the consumer stays in its
+        group (no rebalance storm) and records wait in Kafka rather than in memory."""
+        if self._held:
+            assignment = self._consumer.assignment()
+            if assignment:
+                self._consumer.pause(*assignment)
+            self._paused = True
+        elif self._paused:
+            self._consumer.resume(*self._consumer.paused())
+            self._paused = False
 
     def _respond(
         self,
@@ -358,7 +453,10 @@ class ServingLoop:
             )
         if len(batch) > 1:
             # Find the input that breaks the batch instead of failing all of them.
-            for waiting in batch:
+            for index, waiting in enumerate(batch):
+                if task in self._held:  # the backend went away meanwhile: hold the rest
+                    self._held[task].extend(batch[index:])
+                    return
                 self._answer(task, [waiting])
             return
         waiting = batch[0]
