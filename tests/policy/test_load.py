@@ -304,9 +304,23 @@ MALFORMED: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     (
         "unknown-backend",
         CLASSIFICATION,
-        {"student.backend": "vllm"},
+        {"student.backend": "triton"},
         "student.backend",
-        "expected 'transformers'",
+        "expected 'transformers' or 'vllm'",
+    ),
+    (
+        "vllm-section-without-vllm-backend",
+        CLASSIFICATION,
+        {"student.vllm": {"concurrency": 8}},
+        "student.vllm",
+        "only applies to backend: vllm",
+    ),
+    (
+        "vllm-bad-base-url",
+        CLASSIFICATION,
+        {"student.backend": "vllm", "student.vllm": {"base_url": "vllm:8000"}},
+        "student.vllm.base_url",
+        "vllm:8000",
     ),
     ("unknown-version", CLASSIFICATION, {"version": 2}, "version", "expected 1 (received 2)"),
     (

@@ -93,12 +93,49 @@ class BatchPolicy(_Strict):
     max_wait_ms: int = Field(default=10, ge=0, le=10_000)
 
 
+class VllmPolicy(_Strict):
+    """How to reach the vLLM server that serves the student (backend: vllm)."""
+
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(:[0-9]+)?/?$",
+        description="External server (e.g. http://vllm:8000). Unset: the daemon starts one.",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The model name the server knows. Default: the model directory's name.",
+    )
+    concurrency: int = Field(
+        default=32, ge=1, le=1024, description="Requests in flight at once (vLLM batches them)."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Per HTTP request.")
+    top_logprobs: int = Field(
+        default=5, ge=1, le=20, description="Classification: top-k used for the label distribution."
+    )
+    max_model_len: int = Field(default=2048, ge=128, description="Managed server: context length.")
+    enforce_eager: bool = Field(
+        default=False, description="Managed server: skip torch.compile (faster start)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="Managed server: weight dtype. On CPUs without AVX-512 bf16 support "
+        "float32 is several times faster.",
+    )
+    start_timeout_s: float = Field(
+        default=600.0, gt=0, description="Managed server: how long to wait for readiness."
+    )
+
+
 class StudentPolicy(_Strict):
     """The model that answers production traffic."""
 
-    backend: Literal["transformers"] = Field(
+    backend: Literal["transformers", "vllm"] = Field(
         default="transformers",
-        description="transformers: in-process on this machine.",
+        description="transformers: in-process on this machine; vllm: a vLLM server over HTTP.",
+    )
+    vllm: VllmPolicy | None = Field(
+        default=None, description="Settings of the vLLM backend (backend: vllm)."
     )
     model: str = Field(
         min_length=1,
@@ -115,6 +152,15 @@ class StudentPolicy(_Strict):
         default=256, ge=1, le=8192, description="Generation budget for JSON outputs."
     )
     batch: BatchPolicy = BatchPolicy()
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> StudentPolicy:
+        if self.vllm is not None and self.backend != "vllm":
+            raise PolicyFieldError(
+                "vllm",
+                f"the vllm section only applies to backend: vllm (backend is {self.backend})",
+            )
+        return self
 
     @field_validator("model")
     def _no_escape(cls, value: str) -> str:

@@ -18,12 +18,15 @@ class Prediction:
     the backend knows it. ``error`` is set when the student produced an output
     that fails validation (JSON that does not parse or does not match the
     policy's schema); ``output`` is then the raw text the student generated.
+    ``model_version`` names the version that answered, for backends that can
+    switch versions while serving (None: the backend's ``model_version``).
     """
 
     output: str | dict[str, Any]
     confidence: float
     probabilities: dict[str, float] | None = None
     error: str | None = None
+    model_version: str | None = None
 
 
 @runtime_checkable

@@ -426,7 +426,7 @@ class ServingLoop:
             waiting.request,
             output=prediction.output,
             confidence=prediction.confidence,
-            model_version=model_version,
+            model_version=prediction.model_version or model_version,
             latency_ms=(done_at - waiting.received_at) * 1000.0,
             probabilities=prediction.probabilities,
             error=prediction.error,
