@@ -128,11 +128,15 @@ def main() -> None:
     texts = [r.text for r in load_rows() if r.label and r.text.strip()][: args.requests]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        # float32 + eager: several times faster than bf16 on CPUs without AVX-512
+        # bf16, and no torch.compile at start (its cache does not reload here).
         config = VllmServerConfig(
             python=args.python,
             model_dir=smollm2_dir(),
             served_model_name="smollm2",
             log_path=root / "vllm.log",
+            dtype="float32",
+            enforce_eager=True,
         )
         with ManagedVllmServer(config) as server, EmbeddedBroker() as broker:
             settings = Settings(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+import jsonschema
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,33 @@ class Prediction:
     probabilities: dict[str, float] | None = None
     error: str | None = None
     model_version: str | None = None
+
+
+def validated_json(
+    text: str, confidence: float, validator: jsonschema.Draft202012Validator
+) -> Prediction:
+    """A generative student's raw answer checked against the policy's output schema.
+
+    Every backend that generates JSON uses this, so an invalid answer is reported
+    the same way whoever produced it: the raw text as output, and ``error``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Prediction(
+            output=text,
+            confidence=confidence,
+            error=f"output is not valid JSON ({exc.msg} at character {exc.pos})",
+        )
+    problems = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
+    if problems:
+        first = problems[0]
+        where = "/".join(str(p) for p in first.path) or "(root)"
+        return Prediction(
+            output=text,
+            confidence=confidence,
+            error=f"output does not match output_schema at {where}: {first.message}",
+        )
+    return Prediction(output=value, confidence=confidence)
 
 
 @runtime_checkable

@@ -19,7 +19,6 @@ upcast to float32: CPU kernels for bfloat16 are slower on most machines
 from __future__ import annotations
 
 import gc
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -31,7 +30,7 @@ import torch
 
 from distilld.errors import BackendError, ModelLoadError
 from distilld.policy.model import Architecture, Policy, TaskKind
-from distilld.serving.base import Prediction, StudentBackend
+from distilld.serving.base import Prediction, StudentBackend, validated_json
 
 # Prompts scored in one forward pass. Bounds memory when a large batch of long
 # prompts meets a large label set (the cache is copied once per label).
@@ -560,25 +559,8 @@ class CausalLMStudent:
         return predictions
 
     def _validated(self, text: str, confidence: float) -> Prediction:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return Prediction(
-                output=text,
-                confidence=confidence,
-                error=f"output is not valid JSON ({exc.msg} at character {exc.pos})",
-            )
         assert self._validator is not None  # set for every JSON task
-        problems = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
-        if problems:
-            first = problems[0]
-            where = "/".join(str(p) for p in first.path) or "(root)"
-            return Prediction(
-                output=text,
-                confidence=confidence,
-                error=f"output does not match output_schema at {where}: {first.message}",
-            )
-        return Prediction(output=value, confidence=confidence)
+        return validated_json(text, confidence, self._validator)
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

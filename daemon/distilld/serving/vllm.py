@@ -26,7 +26,6 @@ raises :class:`BackendError` (the loop isolates and dead-letters that input).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import threading
 from collections.abc import Coroutine, Sequence
@@ -38,7 +37,7 @@ import httpx
 import jsonschema
 
 from distilld.errors import BackendError, BackendUnavailable
-from distilld.serving.base import Prediction
+from distilld.serving.base import Prediction, validated_json
 
 T = TypeVar("T")
 
@@ -235,25 +234,8 @@ class VllmStudent:
         return prompt
 
     def _json_prediction(self, content: str, tokens: list[dict[str, Any]]) -> Prediction:
-        confidence = _mean_token_probability(tokens)
-        try:
-            output = json.loads(content)
-        except json.JSONDecodeError as exc:
-            return Prediction(
-                output=content,
-                confidence=confidence,
-                error=f"not JSON: {exc.msg} at column {exc.colno}",
-            )
-        assert self._validator is not None
-        problems = sorted(self._validator.iter_errors(output), key=lambda e: list(e.path))
-        if problems or not isinstance(output, dict):
-            detail = problems[0].message if problems else "not a JSON object"
-            return Prediction(
-                output=content,
-                confidence=confidence,
-                error=f"does not match the output schema: {detail}",
-            )
-        return Prediction(output=output, confidence=confidence)
+        assert self._validator is not None  # set for every JSON task
+        return validated_json(content, _mean_token_probability(tokens), self._validator)
 
     async def _classify(self, texts: list[str], target: VllmTarget) -> list[Prediction]:
         # One request per input, sent together: vLLM batches them itself.
