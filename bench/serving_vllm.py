@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 
-from distilld.app import running_daemon
 from distilld.demo.data import load_rows
 from distilld.log import configure_logging
 from distilld.modelfiles import smollm2_from_asset
@@ -34,7 +33,7 @@ from distilld.policy.model import Policy
 from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig
 from distilld.settings import Settings
 from distilld.traffic.broker import EmbeddedBroker
-from distilld.traffic.replay import replay
+from serving import daemon_rate  # bench/serving.py: the same daemon measurement
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Is this movie review positive or negative?\nReview: {input}\nAnswer:"
@@ -100,22 +99,6 @@ def write_policy(directory: Path, base_url: str, concurrency: int) -> Policy:
         """)
     )
     return load_policy(path)
-
-
-def daemon_rate(policy: Policy, settings: Settings, texts: list[str]) -> float:
-    lines = [
-        json.dumps({"id": f"v-{i}", "task": policy.task, "input": t}).encode()
-        for i, t in enumerate(texts)
-    ]
-    with running_daemon(settings, {policy.task: policy}) as daemon:
-        replay(daemon.kafka, lines, policy.traffic.requests_topic)
-        if not daemon.wait_ready(60):
-            raise SystemExit("daemon did not join its consumer group")
-        loop = daemon.loops[0]
-        started = time.perf_counter()
-        while loop.stats.answered < len(texts):
-            time.sleep(0.01)
-        return len(texts) / (time.perf_counter() - started)
 
 
 def main() -> None:

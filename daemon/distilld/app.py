@@ -317,7 +317,5 @@ def run_forever(settings: Settings, policies: dict[str, Policy]) -> list[Serving
             while not stop.wait(0.5):
                 pass
             return daemon.stats()
-    except DistilldError:
-        raise
     finally:
         restore()
