@@ -10,6 +10,9 @@ machine noise affects both sides alike):
       -> gain (target >= 1.7x).
 
 Usage:  .venv/bin/python bench/serving.py [--requests 2000] [--batch 8]
+        .venv/bin/python bench/serving.py --vllm [--requests 200] [--concurrency 32]
+        (the vLLM mode: daemon through Kafka and vLLM next to a direct client of
+        the same server; see bench/serving_vllm.py)
 Student: all-MiniLM-L6-v2 with a classification head (built once, cached
 under .cache/bench-models); inputs: short Rotten Tomatoes reviews, 128 tokens max.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import textwrap
 import time
@@ -104,6 +108,11 @@ def daemon_rate(policy: Policy, settings: Settings, texts: list[str]) -> float:
 
 
 def main() -> None:
+    if "--vllm" in sys.argv[1:]:
+        from serving_vllm import main as vllm_main  # imports this module: load it late
+
+        vllm_main([a for a in sys.argv[1:] if a != "--vllm"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8)

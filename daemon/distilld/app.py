@@ -9,6 +9,7 @@ flushed, models released, embedded broker stopped).
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -18,34 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from distilld.errors import ConfigError, DistilldError
+from kafka import KafkaProducer
+
+from distilld.alerts import AlertSink
+from distilld.errors import ConfigError
 from distilld.log import alert, get_logger
+from distilld.modelpaths import resolve_model_dir
+from distilld.monitoring.features import REFERENCE_FILE, Reference, load_reference
+from distilld.monitoring.measure import CheckOutcome, run_check
 from distilld.policy.model import Architecture, Policy, TaskKind, VllmPolicy
-from distilld.serving.base import StudentBackend
+from distilld.scheduler import MonitorJob, MonitorScheduler
+from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.local import load_local_student
 from distilld.serving.vllm import VllmStudent, VllmTarget
+from distilld.serving.vllm_deployment import VllmDeployment
 from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig
 from distilld.settings import KafkaConfig, Settings
+from distilld.shadow.worker import ShadowTask, ShadowWorker
+from distilld.store.sqlite import SqliteStore
+from distilld.teacher.build import make_teacher
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
 from distilld.traffic.loop import ServingLoop, ServingStats, TaskRoute
-
-
-def resolve_model_dir(models_dir: Path, model: str) -> Path:
-    """A policy's model path, absolute or under the models directory, that must not escape it."""
-    candidate = Path(model)
-    path = candidate if candidate.is_absolute() else (models_dir / candidate)
-    path = path.resolve()
-    if not candidate.is_absolute() and not path.is_relative_to(models_dir.resolve()):
-        raise ConfigError(
-            f"model path {model!r} resolves to {path}, outside DISTILLD_MODELS_DIR={models_dir}"
-        )
-    if not path.is_dir():
-        raise ConfigError(
-            f"model directory {path} (student.model {model!r}) does not exist; "
-            f"put the model there or set DISTILLD_MODELS_DIR (now {models_dir})"
-        )
-    return path
+from distilld.traffic.records import Request
 
 
 def route_for(policy: Policy) -> TaskRoute:
@@ -64,22 +60,31 @@ def all_topics(policies: dict[str, Policy], settings: Settings) -> list[str]:
     topics = {settings.fallback_dead_letter_topic}
     for p in policies.values():
         topics |= {p.traffic.requests_topic, p.traffic.responses_topic, p.traffic.dead_letter_topic}
+        if p.alerts.topic:
+            topics.add(p.alerts.topic)
     return sorted(topics)
 
 
 def load_students(
-    policies: dict[str, Policy], settings: Settings, stack: ExitStack, stop: threading.Event
+    policies: dict[str, Policy],
+    settings: Settings,
+    stack: ExitStack,
+    stop: threading.Event,
+    deployments: dict[str, VllmDeployment],
 ) -> dict[str, StudentBackend]:
-    """One backend per task; managed vLLM servers are started and put on ``stack``."""
+    """One backend per task, closed by ``stack``. vLLM tasks also get a deployment in
+    ``deployments`` (version switches; managed servers started and watched)."""
     log = get_logger("app")
     backends: dict[str, StudentBackend] = {}
     for task, policy in sorted(policies.items()):
         if policy.student.backend == "vllm":
-            backends[task] = vllm_student(policy, settings, stack, stop)
+            deployment = vllm_deployment(policy, settings, stack, stop)
+            deployments[task] = deployment
+            backends[task] = deployment.student
         else:
             model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
             backends[task] = load_local_student(policy, model_dir, model_version=model_dir.name)
-        stack.callback(backends[task].close)
+            stack.callback(backends[task].close)
         log.info(
             "student.loaded",
             task=task,
@@ -90,11 +95,12 @@ def load_students(
     return backends
 
 
-def vllm_student(
+def vllm_deployment(
     policy: Policy, settings: Settings, stack: ExitStack, stop: threading.Event
-) -> VllmStudent:
-    """The vLLM backend of a task: an external server, or one the daemon starts and watches."""
+) -> VllmDeployment:
+    """The vLLM student of a task: an external server, or one the daemon starts and watches."""
     options = policy.student.vllm or VllmPolicy()
+    server: ManagedVllmServer | None = None
     if options.base_url:
         base_url = options.base_url.rstrip("/")
         served = options.served_model_name or policy.student.model
@@ -122,13 +128,6 @@ def vllm_student(
             )
         )
         stack.enter_context(server)
-        watchdog = threading.Thread(
-            target=_watch_server,
-            args=(server, policy.task, stop),
-            name=f"vllm-watchdog-{policy.task}",
-            daemon=True,
-        )
-        watchdog.start()
         base_url = server.base_url
     if policy.student.architecture is Architecture.sequence_classification:
         kind = "classify"
@@ -148,37 +147,142 @@ def vllm_student(
         concurrency=options.concurrency,
         timeout_s=options.timeout_s,
     )
-    return VllmStudent(target, model_version=served)
-
-
-def _watch_server(server: ManagedVllmServer, task: str, stop: threading.Event) -> None:
-    """Restart a managed vLLM server that died. Meanwhile the serving loop holds the
-    task's requests (the backend raises BackendUnavailable), so none is lost."""
-    log = get_logger("vllm")
-    while not stop.wait(2.0):
-        if server.is_alive():
-            continue
-        alert(
-            log,
-            "vllm.server_died",
-            severity="error",
-            task=task,
-            log_file=str(server.log_path),
-            action="restarting it; requests are held meanwhile",
+    deployment = VllmDeployment(policy.task, VllmStudent(target, model_version=served), server)
+    stack.callback(deployment.close)
+    if server is not None:
+        watchdog = threading.Thread(
+            target=deployment.watch,
+            args=(stop,),
+            name=f"vllm-watchdog-{policy.task}",
+            daemon=True,
         )
-        try:
-            server.restart(wait=True)
-        except DistilldError as exc:
-            alert(
-                log,
-                "vllm.restart_failed",
-                severity="critical",
-                task=task,
-                error=str(exc),
-                action="will try again",
+        watchdog.start()
+    return deployment
+
+
+@dataclass
+class Monitoring:
+    """The watching side of the daemon: sample store, shadow comparisons with the
+    teacher, alert sinks and the scheduled checks."""
+
+    store: SqliteStore
+    shadow: ShadowWorker
+    scheduler: MonitorScheduler
+    sinks: dict[str, AlertSink]
+
+    def on_answered(self, request: Request, prediction: Prediction, model_version: str) -> None:
+        """The serving loop's hook: hand the answer over; returns at once."""
+        self.shadow.offer(
+            request.task,
+            request.id,
+            request.input,
+            request.metadata,
+            prediction.output,
+            prediction.confidence,
+            model_version,
+        )
+
+
+def drift_reference(model_dir: Path | None) -> Reference | None:
+    """The drift reference saved with a student (None: early traffic stands in)."""
+    if model_dir is None:
+        return None
+    path = model_dir / REFERENCE_FILE
+    if not path.is_file():
+        get_logger("monitoring").info(
+            "monitoring.no_saved_reference",
+            model_dir=str(model_dir),
+            expected=str(path),
+            action="drift is measured against the earliest traffic in the reservoir",
+        )
+        return None
+    return load_reference(path)
+
+
+def check_task(
+    policy: Policy,
+    store: SqliteStore,
+    sink: AlertSink,
+    reports_dir: Path,
+    reference: Reference | None,
+    model_version: Callable[[], str],
+) -> CheckOutcome:
+    """One monitoring check of a task: measure, evaluate, alert (once per breach)."""
+    outcome = run_check(
+        policy.task,
+        kind=policy.kind.value,
+        monitors=policy.monitors,
+        store=store,
+        reference=reference,
+        reports_dir=reports_dir if policy.monitors.save_reports else None,
+        model_version=model_version(),
+    )
+    sink.handle(policy.task, outcome.verdicts)
+    get_logger("monitoring").info(
+        "monitor.checked",
+        task=policy.task,
+        verdicts={f"{v.metric}:{v.segment or 'overall'}": v.status.value for v in outcome.verdicts},
+        report_dir=str(outcome.report_dir) if outcome.report_dir else None,
+    )
+    return outcome
+
+
+def start_monitoring(
+    policies: dict[str, Policy],
+    settings: Settings,
+    stack: ExitStack,
+    backends: dict[str, StudentBackend],
+    send: Callable[[str, bytes], None] | None,
+) -> Monitoring:
+    """Open the store, build the teachers, start the shadow worker and the scheduler."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(settings.store_path)
+    stack.callback(store.close)
+    shadow_tasks: list[ShadowTask] = []
+    sinks: dict[str, AlertSink] = {}
+    jobs: list[MonitorJob] = []
+    for task, policy in sorted(policies.items()):
+        teacher = make_teacher(policy, settings.models_dir)
+        if teacher is not None:
+            stack.callback(teacher.close)
+        reference = drift_reference(_local_model_dir(policy, settings))
+        vocabulary = reference.profile.vocabulary if reference is not None else None
+        shadow_tasks.append(ShadowTask.from_policy(policy, teacher, vocabulary=vocabulary))
+        topic = policy.alerts.topic
+        sinks[task] = AlertSink(store, send=send if topic else None, topic=topic, tasks=[task])
+        if policy.monitors.accuracy.enabled or policy.monitors.drift.enabled:
+            check = functools.partial(
+                check_task,
+                policy,
+                store,
+                sinks[task],
+                settings.reports_dir,
+                reference,
+                _version_of(backends[task]),
             )
-            continue
-        log.info("vllm.server_restarted", task=task, base_url=server.base_url)
+            jobs.append(MonitorJob(task, policy.monitors.interval_s, check))
+    shadow = ShadowWorker(shadow_tasks, store)
+    shadow.start()
+    scheduler = MonitorScheduler(jobs)
+    # Stop order (reverse of registration): scheduler, then the shadow worker,
+    # then the teachers and the store registered above.
+    stack.callback(shadow.stop)
+    scheduler.start()
+    stack.callback(scheduler.stop)
+    return Monitoring(store=store, shadow=shadow, scheduler=scheduler, sinks=sinks)
+
+
+def _version_of(backend: StudentBackend) -> Callable[[], str]:
+    # Read at each check: a promotion changes the live version.
+    return lambda: backend.model_version
+
+
+def _local_model_dir(policy: Policy, settings: Settings) -> Path | None:
+    """The student's model directory when the daemon can read it (not an external server)."""
+    options = policy.student.vllm
+    if policy.student.backend == "vllm" and options is not None and options.base_url:
+        return None
+    return resolve_model_dir(settings.models_dir, policy.student.model)
 
 
 @contextmanager
@@ -196,11 +300,14 @@ def kafka_connection(settings: Settings, log_dir: Path | None = None) -> Iterato
 
 @dataclass
 class RunningDaemon:
-    """Handle on a running daemon: its Kafka config, its loops' stats, and a stop switch."""
+    """Handle on a running daemon: its Kafka config, its loops' stats, its vLLM
+    deployments (model version switches) and a stop switch."""
 
     kafka: KafkaConfig
     stop_event: threading.Event
     loops: list[ServingLoop]
+    vllm: dict[str, VllmDeployment]
+    monitoring: Monitoring
 
     def stats(self) -> list[ServingStats]:
         return [loop.stats for loop in self.loops]
@@ -226,9 +333,18 @@ def running_daemon(
         created = ensure_topics(kafka, all_topics(policies, settings))
         if created:
             log.info("kafka.topics_created", topics=created)
-        backends = load_students(policies, settings, stack, stop)
+        deployments: dict[str, VllmDeployment] = {}
+        backends = load_students(policies, settings, stack, stop, deployments)
         producer = make_producer(kafka)
         stack.callback(producer.close)
+        # Before the loops: closed after they are joined, so every answer is offered.
+        monitoring = start_monitoring(
+            policies,
+            settings,
+            stack,
+            backends,
+            send=lambda topic, value: _send_alert(producer, topic, value),
+        )
 
         groups: dict[str, list[Policy]] = {}
         for policy in policies.values():
@@ -246,6 +362,7 @@ def running_daemon(
                 fallback_dead_letter_topic=settings.fallback_dead_letter_topic,
                 max_message_bytes=kafka.max_message_bytes,
                 commit_interval_ms=settings.commit_interval_ms,
+                on_answered=monitoring.on_answered,
             )
             loops.append(loop)
             threads.append(
@@ -265,8 +382,14 @@ def running_daemon(
             consumer_groups=sorted(groups),
             bootstrap_servers=kafka.bootstrap_servers,
         )
-        yield RunningDaemon(kafka=kafka, stop_event=stop, loops=loops)
+        yield RunningDaemon(
+            kafka=kafka, stop_event=stop, loops=loops, vllm=deployments, monitoring=monitoring
+        )
     log.info("daemon.stopped")
+
+
+def _send_alert(producer: KafkaProducer, topic: str, value: bytes) -> None:
+    producer.send(topic, value=value)
 
 
 def _run_loop(loop: ServingLoop, stop: threading.Event, group: str) -> None:

@@ -58,5 +58,39 @@ class BackendUnavailable(BackendError):
     giving up on the requests."""
 
 
+class MonitoringError(DistilldError):
+    """A monitor could not measure, so no verdict is given for that check.
+
+    Raised by ``distilld.monitoring`` (and by policy evaluation, which reads its
+    measurements) for inputs that cannot be measured (texts, labels or
+    embeddings of the wrong shape or range, a comparison with a score outside
+    [0, 1]), for a drift reference file that is missing or unreadable, and when
+    Evidently fails (wrapped where it enters).
+    """
+
+
+class CompareError(DistilldError):
+    """Student and teacher answers cannot be compared.
+
+    Raised by ``distilld.shadow.compare`` for an unknown task kind, answers of
+    the wrong type for the kind (a classification answer that is not a label
+    string), a generation task compared without its output schema, or an output
+    schema that is not valid JSON Schema: a mistake of the caller or the policy,
+    not of one answer (answers that disagree or fail the schema get a low
+    score, never an error).
+    """
+
+
+class StoreError(DistilldError):
+    """The sample store cannot be opened, read or written.
+
+    Raised by ``distilld.store`` implementations, wrapping the database
+    driver's errors where they enter: a directory that is missing or not
+    writable, a file that is not a distilld store or was written by a newer
+    distilld, a database that stays locked or is full, a store used after
+    ``close()``.
+    """
+
+
 class AssetError(DistilldError):
     """An offline asset (model or data set shipped in a PyPI wheel) is missing."""

@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
+    @property
+    def store_path(self) -> Path:
+        """The SQLite sample store (comparisons, traffic reservoir, alerts, checks)."""
+        return self.state_dir / "distilld.sqlite"
+
+    @property
+    def reports_dir(self) -> Path:
+        """Where each monitoring check writes its Evidently HTML report and JSON summary."""
+        return self.state_dir / "reports"
+
     def kafka(self, bootstrap_servers: str | None = None) -> KafkaConfig:
         """The Kafka part of the settings, with the bootstrap servers resolved."""
         servers = bootstrap_servers or self.kafka_bootstrap_servers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import jsonschema
 import pytest
 import yaml
 
+from distilld.cli import main
 from distilld.errors import PolicyError
 from distilld.policy.load import load_policies, load_policy, policy_json_schema
 from distilld.policy.model import Architecture, Policy, TaskKind
+from distilld.teacher.config import OpenAITeacherConfig, TransformersTeacherConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_POLICIES = REPO_ROOT / "policies"
@@ -50,6 +53,28 @@ EXTRACTION: dict[str, Any] = {
     "student": {"model": "address-smollm2", "architecture": "causal-lm"},
 }
 
+OPENAI_TEACHER: dict[str, Any] = {
+    "backend": "openai",
+    "base_url": "http://vllm:8000/v1",
+    "model": "teacher",
+    "prompt": "Is this review fresh or rotten? {input}",
+}
+
+LOCAL_TEACHER: dict[str, Any] = {"backend": "transformers", "model": "teachers/mpnet"}
+
+# A classification task with every new section filled.
+MONITORED: dict[str, Any] = {
+    **CLASSIFICATION,
+    "teacher": OPENAI_TEACHER,
+    "sampling": {"base_rate": 0.1, "segment_keys": ["source"]},
+    "monitors": {
+        "interval_s": 60,
+        "accuracy": {"window": 500, "min_samples": 100, "segments": {"keys": ["source"]}},
+        "drift": {"features": ["char_length", "predicted_label"]},
+    },
+    "alerts": {"topic": "distilld.alerts"},
+}
+
 DROP = object()  # marks a field to remove from the base policy
 
 
@@ -64,13 +89,18 @@ def _changed(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
         if value is DROP:
             del section[last]
         else:
-            section[last] = value
+            section[last] = copy.deepcopy(value)
     return data
 
 
 def _write(directory: Path, data: dict[str, Any], name: str = "policy.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -119,6 +149,42 @@ def test_shipped_policies_load() -> None:
 @pytest.mark.parametrize("path", sorted(SHIPPED_POLICIES.glob("*.y*ml")), ids=lambda p: p.name)
 def test_each_shipped_policy_loads_alone(path: Path) -> None:
     assert isinstance(load_policy(path), Policy)
+
+
+def _uncommented_examples(text: str) -> str:
+    """The commented-out sections of a policy file (``# teacher:`` and the
+    ``#   `` lines under it), uncommented."""
+    lines: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if re.fullmatch(r"# [a-z_]+:", line):
+            inside = True
+        elif not (inside and line.startswith("#   ")):
+            inside = False
+            continue
+        lines.append(line[2:])
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED_POLICIES.glob("*.y*ml")), ids=lambda p: p.name)
+def test_commented_out_examples_of_shipped_policies_are_valid(tmp_path: Path, path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    examples = _uncommented_examples(text)
+    assert "teacher:" in examples
+
+    policy = load_policy(_write_text(tmp_path / path.name, text + examples))
+
+    assert policy.teacher is not None
+
+
+def test_shipped_policies_set_the_monitors() -> None:
+    quick_start = load_policy(SHIPPED_POLICIES / "rotten-tomatoes.yaml")
+    assert quick_start.teacher is None  # the demo runs without a teacher
+    assert quick_start.monitors.accuracy.threshold == 0.9
+    assert quick_start.monitors.drift.drift_share == 0.5
+    address = load_policy(SHIPPED_POLICIES / "us-address.yaml")
+    assert address.monitors.drift.features is not None
+    assert "predicted_label" not in address.monitors.drift.features
 
 
 # -------------------------------------------------------------- malformed fields
@@ -326,16 +392,244 @@ MALFORMED: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     (
         "reserved-section-empty",
         CLASSIFICATION,
-        {"teacher": None},
-        "teacher",
-        "the teacher section is not supported by this version of distilld yet; remove it",
+        {"retraining": None},
+        "retraining",
+        "the retraining section is not supported by this version of distilld yet; remove it",
     ),
     (
         "reserved-section-filled",
         CLASSIFICATION,
-        {"monitors": {"accuracy": 0.9}},
+        {"retraining": {"every": "1d"}},
+        "retraining",
+        "the retraining section is not supported by this version of distilld yet; remove it",
+    ),
+    # ---- teacher: pydantic's path teacher.openai.prompt is shown as teacher.prompt
+    (
+        "teacher-empty",
+        CLASSIFICATION,
+        {"teacher": None},
+        "teacher",
+        "the teacher section is empty; fill it in (see `distilld policy schema`) or remove",
+    ),
+    (
+        "teacher-not-a-mapping",
+        CLASSIFICATION,
+        {"teacher": "gpt-4o"},
+        "teacher",
+        "expected a mapping (key: value lines) (received 'gpt-4o')",
+    ),
+    (
+        "teacher-without-backend",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.backend": DROP},
+        "teacher.backend",
+        "required field is missing; expected 'openai' or 'transformers'",
+    ),
+    (
+        "teacher-unknown-backend",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.backend": "anthropic"},
+        "teacher.backend",
+        "expected 'openai' or 'transformers' (received 'anthropic')",
+    ),
+    (
+        "teacher-prompt-without-placeholder",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.prompt": "Fresh or rotten?"},
+        "teacher.prompt",
+        "must contain the placeholder {input} (received 'Fresh or rotten?')",
+    ),
+    (
+        "teacher-missing-base-url",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.base_url": DROP},
+        "teacher.base_url",
+        "required field is missing",
+    ),
+    (
+        "teacher-api-key-in-the-policy",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.api_key": "sk-secret"},
+        "teacher.api_key",
+        "unknown field; the fields of teacher (backend openai) are: backend, base_url, model, "
+        "api_key_env",
+    ),
+    (
+        "teacher-field-of-the-other-backend",
+        CLASSIFICATION,
+        {"teacher": LOCAL_TEACHER, "teacher.base_url": "http://vllm:8000/v1"},
+        "teacher.base_url",
+        "unknown field; the fields of teacher (backend transformers) are: backend, model",
+    ),
+    (
+        "teacher-top-logprobs-too-large",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.top_logprobs": 50},
+        "teacher.top_logprobs",
+        "expected a number less than or equal to 20 (received 50)",
+    ),
+    (
+        "teacher-backoff-out-of-order",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.backoff_base_s": 5, "teacher.backoff_max_s": 1},
+        "teacher.backoff_max_s",
+        "backoff_max_s (1.0) must be at least backoff_base_s (5.0)",
+    ),
+    (
+        "openai-teacher-without-any-prompt",
+        CLASSIFICATION,
+        {"teacher": OPENAI_TEACHER, "teacher.prompt": DROP},
+        "teacher.prompt",
+        "an openai teacher needs a prompt template containing {input}; set teacher.prompt, "
+        "or the policy's prompt",
+    ),
+    (
+        "causal-lm-teacher-without-any-prompt",
+        CLASSIFICATION,
+        {"teacher": {**LOCAL_TEACHER, "architecture": "causal-lm"}},
+        "teacher.prompt",
+        "a causal-lm teacher needs a prompt template",
+    ),
+    (
+        "sequence-classification-teacher-for-extraction",
+        EXTRACTION,
+        {"teacher": LOCAL_TEACHER},
+        "teacher.architecture",
+        "a sequence-classification teacher can only label classification tasks; use "
+        "architecture: causal-lm for extraction",
+    ),
+    (
+        "teacher-model-path-escapes",
+        CLASSIFICATION,
+        {"teacher": LOCAL_TEACHER, "teacher.model": "../teachers/mpnet"},
+        "teacher.model",
+        "must not contain '..' path parts (received '../teachers/mpnet')",
+    ),
+    # ---- sampling
+    (
+        "sampling-without-teacher",
+        CLASSIFICATION,
+        {"sampling": {"base_rate": 0.2}},
+        "sampling",
+        "this policy has no teacher section; add a teacher or remove sampling",
+    ),
+    (
+        "sampling-rate-above-one",
+        MONITORED,
+        {"sampling.base_rate": 2},
+        "sampling.base_rate",
+        "expected a number less than or equal to 1.0 (received 2)",
+    ),
+    (
+        "sampling-length-buckets-decreasing",
+        MONITORED,
+        {"sampling.length_buckets": [256, 64]},
+        "sampling.length_buckets",
+        "must be positive and strictly increasing (received [256, 64])",
+    ),
+    (
+        "sampling-length-as-segment-key",
+        MONITORED,
+        {"sampling.segment_keys": ["source", "length"]},
+        "sampling.segment_keys",
+        "'length' is the length bucket, always a segment",
+    ),
+    (
+        "segment-keys-not-sampled",
+        MONITORED,
+        {"monitors.accuracy.segments.keys": ["source", "language", "length"]},
+        "monitors.accuracy.segments.keys",
+        "['language'] are not segment keys of the sampled requests (sampling.segment_keys is "
+        "['source'], plus 'length')",
+    ),
+    # ---- monitors: a section-wide check is reported at the section
+    (
+        "accuracy-min-samples-above-window",
+        CLASSIFICATION,
+        {"monitors": {"accuracy": {"window": 100, "min_samples": 300}}},
+        "monitors.accuracy",
+        "accuracy.min_samples (300) is larger than accuracy.window (100): no verdict could "
+        "ever be reached; lower min_samples or raise window",
+    ),
+    (
+        "drift-min-samples-above-window",
+        CLASSIFICATION,
+        {"monitors": {"drift": {"window": 100, "min_samples": 300}}},
+        "monitors.drift",
+        "drift.min_samples (300) is larger than drift.window (100)",
+    ),
+    (
+        "monitors-empty",
+        CLASSIFICATION,
+        {"monitors": None},
         "monitors",
-        "the monitors section is not supported by this version of distilld yet; remove it",
+        "expected a mapping (key: value lines) (received None)",
+    ),
+    (
+        "monitors-unknown-key",
+        CLASSIFICATION,
+        {"monitors": {"drift": {"treshold": 0.3}}},
+        "monitors.drift.treshold",
+        "unknown field; the fields of monitors.drift are: enabled, window, min_samples",
+    ),
+    (
+        "accuracy-threshold-above-one",
+        CLASSIFICATION,
+        {"monitors": {"accuracy": {"threshold": 90}}},
+        "monitors.accuracy.threshold",
+        "expected a number less than or equal to 1.0 (received 90)",
+    ),
+    (
+        "drift-unknown-stattest",
+        CLASSIFICATION,
+        {"monitors": {"drift": {"numerical_stattest": "kolmogorov"}}},
+        "monitors.drift.numerical_stattest",
+        "'kolmogorov' is not an Evidently statistical test for numerical features; expected "
+        "one of ['anderson',",
+    ),
+    (
+        "drift-unknown-feature",
+        CLASSIFICATION,
+        {"monitors": {"drift": {"features": ["char_length", "char_lenght"]}}},
+        "monitors.drift.features[1]",
+        "expected 'char_length', 'word_count',",
+    ),
+    (
+        "drift-unknown-feature-as-key",
+        CLASSIFICATION,
+        {"monitors": {"drift": {"per_feature_threshold": {"char_lenght": 0.1}}}},
+        "monitors.drift.per_feature_threshold",
+        "or 'confidence' as a key (received the key 'char_lenght')",
+    ),
+    (
+        "predicted-label-drift-for-extraction",
+        EXTRACTION,
+        {"monitors": {"drift": {"features": ["char_length", "predicted_label"]}}},
+        "monitors.drift.features",
+        "['predicted_label'] only exist for classification tasks",
+    ),
+    # ---- alerts
+    (
+        "alerts-topic-invalid",
+        CLASSIFICATION,
+        {"alerts": {"topic": "distilld alerts"}},
+        "alerts.topic",
+        "expected a Kafka topic name",
+    ),
+    (
+        "alerts-topic-is-a-traffic-topic",
+        CLASSIFICATION,
+        {"alerts": {"topic": "reviews.dead-letter"}},
+        "alerts.topic",
+        "'reviews.dead-letter' is already traffic.dead_letter_topic; alert events need a topic "
+        "of their own",
+    ),
+    (
+        "alerts-unknown-key",
+        CLASSIFICATION,
+        {"alerts": {"topics": ["a"]}},
+        "alerts.topics",
+        "unknown field; the fields of alerts are: topic (received ['a'])",
     ),
 ]
 
@@ -363,6 +657,81 @@ def test_bases_of_malformed_cases_are_valid(tmp_path: Path) -> None:
     # Otherwise a case could pass because of an unrelated mistake in its base.
     assert load_policy(_write(tmp_path, CLASSIFICATION, "c.yaml")).task == "reviews"
     assert load_policy(_write(tmp_path, EXTRACTION, "e.yaml")).task == "address"
+    assert load_policy(_write(tmp_path, MONITORED, "m.yaml")).task == "reviews"
+
+
+def test_section_errors_are_one_line_without_pydantic_locations(tmp_path: Path) -> None:
+    # pydantic locates a teacher field under its backend tag (teacher.openai.prompt) and
+    # a bad mapping key under "[key]"; neither reaches the operator.
+    changes = {
+        "teacher.prompt": "no placeholder",
+        "monitors.drift.per_feature_stattest": {"oov_shar": "ks"},
+    }
+    path = _write(tmp_path, _changed(MONITORED, changes))
+
+    error = _rejection(path)
+
+    _assert_readable(error, path)
+    assert len(error.problems) == 2
+    for problem in error.problems:
+        assert "\n" not in problem
+        for leak in ("openai", "[key]"):
+            assert leak not in problem.split(": ")[1], problem
+
+
+# --------------------------------------------------------------- new sections
+
+
+def test_a_policy_without_teacher_gets_drift_only_defaults(tmp_path: Path) -> None:
+    policy = load_policy(_write(tmp_path, CLASSIFICATION))
+
+    assert policy.teacher is None
+    assert policy.alerts.topic is None
+    # Monitors run without a teacher: drift has data, accuracy reports none.
+    assert policy.monitors.drift.enabled
+    assert policy.monitors.accuracy.enabled
+    assert policy.sampling.segment_keys is None
+
+
+def test_teacher_sampling_monitors_and_alerts_sections_load(tmp_path: Path) -> None:
+    policy = load_policy(_write(tmp_path, MONITORED))
+
+    assert isinstance(policy.teacher, OpenAITeacherConfig)
+    assert policy.teacher.base_url == "http://vllm:8000/v1"
+    assert policy.teacher.prompt == OPENAI_TEACHER["prompt"]
+    assert policy.sampling.base_rate == 0.1
+    assert policy.sampling.segment_keys == ["source"]
+    assert policy.monitors.interval_s == 60
+    assert policy.monitors.accuracy.segments.keys == ["source"]
+    assert policy.monitors.drift.features == ["char_length", "predicted_label"]
+    assert policy.alerts.topic == "distilld.alerts"
+
+
+def test_openai_teacher_may_use_the_policy_prompt(tmp_path: Path) -> None:
+    changes = {"teacher": OPENAI_TEACHER, "teacher.prompt": DROP}
+    policy = load_policy(_write(tmp_path, _changed(EXTRACTION, changes)))
+
+    assert isinstance(policy.teacher, OpenAITeacherConfig)
+    assert policy.teacher.prompt is None
+    assert policy.prompt is not None
+
+
+def test_transformers_teacher_section_loads(tmp_path: Path) -> None:
+    teacher = {**LOCAL_TEACHER, "architecture": "causal-lm", "max_new_tokens": 128}
+    policy = load_policy(_write(tmp_path, _changed(EXTRACTION, {"teacher": teacher})))
+
+    assert isinstance(policy.teacher, TransformersTeacherConfig)
+    assert policy.teacher.architecture is Architecture.causal_lm
+    assert policy.teacher.max_new_tokens == 128
+
+
+def test_segment_keys_may_be_given_on_one_side_only(tmp_path: Path) -> None:
+    monitors_only = _changed(MONITORED, {"sampling.segment_keys": DROP})
+    sampling_only = _changed(MONITORED, {"monitors.accuracy.segments.keys": DROP})
+    length_bucket = _changed(MONITORED, {"monitors.accuracy.segments.keys": ["length"]})
+
+    for name, data in [("a", monitors_only), ("b", sampling_only), ("c", length_bucket)]:
+        assert load_policy(_write(tmp_path, data, f"{name}.yaml")).teacher is not None
 
 
 def test_long_received_values_are_truncated(tmp_path: Path) -> None:
@@ -376,13 +745,27 @@ def test_long_received_values_are_truncated(tmp_path: Path) -> None:
 
 
 def test_every_problem_of_one_file_is_reported(tmp_path: Path) -> None:
-    changes = {"task": "Bad", "student.batch.max_size": 0, "alerts": {}, "extra": 1}
-    path = _write(tmp_path, _changed(CLASSIFICATION, changes))
+    changes = {
+        "task": "Bad",
+        "student.batch.max_size": 0,
+        "retraining": {},
+        "extra": 1,
+        "teacher.top_logprobs": 0,
+        "monitors.drift.window": 1,
+    }
+    path = _write(tmp_path, _changed(MONITORED, changes))
 
     error = _rejection(path)
 
     paths = sorted(p.split(": ")[1] for p in error.problems)
-    assert paths == ["alerts", "extra", "student.batch.max_size", "task"]
+    assert paths == [
+        "extra",
+        "monitors.drift.window",
+        "retraining",
+        "student.batch.max_size",
+        "task",
+        "teacher.top_logprobs",
+    ]
 
 
 # ---------------------------------------------------------- unreadable files
@@ -541,10 +924,49 @@ def test_json_schema_lists_the_policy_fields() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["title"] == "distilld policy"
     expected = {"version", "task", "kind", "labels", "output_schema", "prompt"}
-    assert expected | {"traffic", "student", "teacher"} <= set(schema["properties"])
+    sections = {"traffic", "student", "teacher", "sampling", "monitors", "alerts", "retraining"}
+    assert expected | sections <= set(schema["properties"])
     assert set(schema["required"]) == {"task", "kind", "traffic", "student"}
     assert json.loads(json.dumps(schema)) == schema
     jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_json_schema_describes_the_teacher_backends_and_monitors() -> None:
+    schema = policy_json_schema()
+    definitions = schema["$defs"]
+
+    openai = definitions["OpenAITeacherConfig"]
+    assert openai["required"] == ["backend", "base_url", "model"]
+    assert "api_key_env" in openai["properties"]
+    assert definitions["TransformersTeacherConfig"]["required"] == ["backend", "model"]
+    assert {"accuracy", "drift", "interval_s"} <= set(definitions["MonitorsConfig"]["properties"])
+    assert "segment_keys" in definitions["SamplingConfig"]["properties"]
+    assert set(definitions["AlertsPolicy"]["properties"]) == {"topic"}
+
+
+def test_json_schema_agrees_with_the_loader_on_the_new_sections() -> None:
+    validator = jsonschema.Draft202012Validator(policy_json_schema())
+
+    assert not list(validator.iter_errors(MONITORED))
+    local = _changed(EXTRACTION, {"teacher": {**LOCAL_TEACHER, "architecture": "causal-lm"}})
+    assert not list(validator.iter_errors(local))
+    for changes in (
+        {"teacher.backend": DROP},  # the loader needs the tag too
+        {"teacher.backend": "anthropic"},
+        {"teacher.api_key": "sk-secret"},
+        {"monitors.drift.features": ["char_lenght"]},
+        {"alerts.topic": "a b"},
+    ):
+        assert list(validator.iter_errors(_changed(MONITORED, changes))), changes
+
+
+def test_policy_schema_command_prints_the_new_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "schema"]) == 0
+
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == policy_json_schema()
+    for section in ("teacher", "sampling", "monitors", "alerts"):
+        assert section in printed["properties"]
 
 
 def test_json_schema_accepts_the_shipped_policies_and_refuses_typos() -> None:

@@ -9,26 +9,29 @@ import json
 import os
 import signal
 import textwrap
-import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 
 from distilld.app import running_daemon
 from distilld.demo.data import load_rows
+from distilld.errors import BackendError
 from distilld.policy.load import load_policy
-from distilld.serving.vllm import VllmStudent
-from distilld.serving.vllm_server import ManagedVllmServer
+from distilld.serving.local import load_local_student
+from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig
 from distilld.settings import Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import TEST_SESSION_TIMEOUT_MS, unique
-from support.vllm import SMOLLM2_SERVED_NAME, vllm_python
+from support.vllm import READY_TIMEOUT_S, SMOLLM2_SERVED_NAME, vllm_python
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 
 LABELS = ["positive", "negative"]
 PROMPT = "Is this movie review positive or negative?\nReview: {input}\nAnswer:"
@@ -138,96 +141,249 @@ def test_classification_through_kafka_with_a_choice_constraint(
     assert sum("probabilities" in r for r in responses) >= 30
 
 
-def test_extraction_with_a_json_schema(vllm_server: ManagedVllmServer) -> None:
-    from distilld.serving.vllm import VllmTarget
-
-    student = VllmStudent(
-        VllmTarget(
-            base_url=vllm_server.base_url,
-            model=SMOLLM2_SERVED_NAME,
-            kind="json",
-            schema=ADDRESS_SCHEMA,
-            max_new_tokens=96,
-            prompt="Extract street, city, state and zip as JSON.\nAddress: {input}\nJSON:",
-        ),
-        model_version="smollm2",
+@pytest.fixture(scope="module")
+def minilm_vllm_server(
+    minilm_sentiment_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ManagedVllmServer]:
+    """The MiniLM sequence classifier served by vLLM's pooling runner (/classify)."""
+    config = VllmServerConfig(
+        python=vllm_python(),
+        model_dir=minilm_sentiment_dir,
+        served_model_name="minilm",
+        log_path=tmp_path_factory.mktemp("vllm-minilm") / "vllm-minilm.log",
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        ready_timeout_s=READY_TIMEOUT_S,
     )
-    try:
-        predictions = student.predict(
-            [
-                "1600 Pennsylvania Ave NW, Washington, DC 20500",
-                "350 Fifth Avenue, New York, NY 10118",
-                "x " * 3000,  # far over max_input_tokens: truncated, not an error
-            ]
-        )
-    finally:
-        student.close()
-    assert len(predictions) == 3
-    for prediction in predictions:
-        assert 0.0 <= prediction.confidence <= 1.0
-        if prediction.error is None:
-            jsonschema.validate(prediction.output, ADDRESS_SCHEMA)
-        else:
-            assert isinstance(prediction.output, str)
-    assert sum(p.error is None for p in predictions) >= 2
+    with ManagedVllmServer(config) as server:
+        yield server
 
 
-def test_lora_version_switch_under_load_loses_nothing(
-    vllm_server: ManagedVllmServer, smollm2_lora: Any
+def test_sequence_classification_through_kafka_with_the_classify_endpoint(
+    tmp_path: Path,
+    broker: EmbeddedBroker,
+    minilm_vllm_server: ManagedVllmServer,
+    minilm_sentiment_dir: Path,
 ) -> None:
-    from distilld.serving.vllm import VllmTarget
-
-    student = VllmStudent(
-        VllmTarget(
-            base_url=vllm_server.base_url,
-            model=SMOLLM2_SERVED_NAME,
-            kind="choice",
-            labels=tuple(LABELS),
-            prompt=PROMPT,
-            max_new_tokens=4,
-        ),
-        model_version="smollm2",
+    path, task = _write_policy(
+        tmp_path,
+        f"""\
+        task: TASK
+        kind: classification
+        labels: [fresh, rotten]
+        traffic:
+          requests_topic: TASK.requests
+          responses_topic: TASK.responses
+          dead_letter_topic: TASK.dead-letter
+        student:
+          backend: vllm
+          architecture: sequence-classification
+          model: minilm
+          max_input_tokens: 128
+          vllm: {{base_url: {minilm_vllm_server.base_url}, served_model_name: minilm}}
+        """,
     )
-    texts = _reviews(16)
-    answered: list[tuple[str | None, str]] = []
-    done = threading.Event()
-
-    def load() -> None:
-        while not done.is_set():
-            for prediction in student.predict(texts[:8]):
-                answered.append((prediction.model_version, str(prediction.output)))
-
-    worker = threading.Thread(target=load)
-    worker.start()
+    policy = load_policy(path)
+    texts = [t for t in _reviews(200) if len(t.split()) < 60][:40]
+    # Thousands of tokens (under the 20,000 characters of max_input_chars): truncated
+    # by the backend, still answered.
+    long_text = " ".join(_reviews(200))[:15_000]
+    ids = {f"s-{i}" for i in range(len(texts) + 1)}
+    with running_daemon(
+        _settings(broker, tmp_path, minilm_sentiment_dir.parent), {task: policy}
+    ) as d:
+        assert d.wait_ready(60)
+        replay(d.kafka, _requests(task, [*texts, long_text], "s"), policy.traffic.requests_topic)
+        responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=300)
+    by_id = {r["id"]: r for r in responses}
+    assert set(by_id) == ids
+    assert by_id[f"s-{len(texts)}"]["output"] in ("fresh", "rotten")
+    # vLLM's classifier gives what the same model gives in process.
+    local = load_local_student(policy, minilm_sentiment_dir, model_version="local")
     try:
-        time.sleep(2.0)
-        name = unique("adapter")
-        student.load_adapter(name, str(smollm2_lora(1)))
-        time.sleep(3.0)
+        expected = local.predict(texts)
     finally:
-        done.set()
-        worker.join(timeout=120)
-        student.close()
-    versions = [v for v, _ in answered]
-    assert set(versions) == {"smollm2", name}
-    # Versions only move forward: once a batch is answered by the adapter, none after
-    # it is answered by the base model (no half-switched state).
-    first_new = versions.index(name)
-    assert all(v == name for v in versions[first_new:])
-    assert all(label in LABELS for _, label in answered)
+        local.close()
+    for i, prediction in enumerate(expected):
+        response = by_id[f"s-{i}"]
+        assert response["model_version"] == "minilm"
+        assert response["confidence"] == pytest.approx(prediction.confidence, abs=1e-4)
+        if prediction.confidence > 0.5 + 1e-4:  # a near tie may flip on rounding
+            assert response["output"] == prediction.output
+
+
+def test_extraction_with_a_json_schema_through_kafka(
+    tmp_path: Path, broker: EmbeddedBroker, vllm_server: ManagedVllmServer, smollm2_dir: Path
+) -> None:
+    # The shipped extraction example, served by the shared vLLM server.
+    text = (REPO / "policies" / "us-address.yaml").read_text()
+    task = unique("address")
+    text = text.replace("us-address", task).replace(
+        "backend: transformers",
+        f"backend: vllm\n  vllm: {{base_url: {vllm_server.base_url}, "
+        f"served_model_name: {SMOLLM2_SERVED_NAME}}}",
+    )
+    path = tmp_path / f"{task}.yaml"
+    path.write_text(text)
+    policy = load_policy(path)
+    assert policy.student.backend == "vllm"
+    addresses = [
+        "1600 Pennsylvania Ave NW, Washington, DC 20500",
+        "350 Fifth Avenue, New York, NY 10118",
+        "1 Infinite Loop, Cupertino, CA 95014",
+        "x " * 490,  # far over max_input_tokens: truncated by the server's tokenizer
+    ]
+    ids = {f"a-{i}" for i in range(len(addresses))}
+    with running_daemon(_settings(broker, tmp_path, smollm2_dir.parent), {task: policy}) as d:
+        assert d.wait_ready(60)
+        replay(d.kafka, _requests(task, addresses, "a"), policy.traffic.requests_topic)
+        responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=300)
+    schema = policy.output_schema
+    assert schema is not None
+    assert {r["id"] for r in responses} == ids
+    for response in responses:
+        assert 0.0 <= response["confidence"] <= 1.0
+        if "error" in response:
+            # Invalid output is reported with the raw text, never passed on as valid.
+            assert isinstance(response["output"], str)
+        else:
+            jsonschema.validate(response["output"], schema)
+    # The real addresses come back as schema-valid objects.
+    assert sum("error" not in r for r in responses if r["id"] != "a-3") >= 2
+
+
+def _versions_only_move_forward(responses: list[dict[str, Any]], old: str, new: str) -> None:
+    """Per partition, in offset order: answers by ``old``, then answers by ``new``, never
+    an ``old`` answer after a ``new`` one (no half-switched state)."""
+    by_partition: dict[int, list[dict[str, Any]]] = {}
+    for response in responses:
+        by_partition.setdefault(response["_partition"], []).append(response)
+    for partition, items in by_partition.items():
+        versions = [r["model_version"] for r in sorted(items, key=lambda r: r["_offset"])]
+        assert set(versions) <= {old, new}, (partition, set(versions))
+        if new in versions:
+            first_new = versions.index(new)
+            assert all(v == new for v in versions[first_new:]), (partition, versions)
+
+
+def test_lora_version_switch_under_load_through_kafka(
+    tmp_path: Path,
+    broker: EmbeddedBroker,
+    vllm_server: ManagedVllmServer,
+    smollm2_dir: Path,
+    smollm2_lora: Any,
+) -> None:
+    path, task = _classification_policy(
+        tmp_path,
+        f"base_url: {vllm_server.base_url}, served_model_name: {SMOLLM2_SERVED_NAME}",
+        concurrency=8,
+    )
+    policy = load_policy(path)
+    count = 80
+    ids = {f"l-{i}" for i in range(count)}
+    adapter = unique("adapter")
+    with running_daemon(_settings(broker, tmp_path, smollm2_dir.parent), {task: policy}) as d:
+        assert d.wait_ready(60)
+        replay(d.kafka, _requests(task, _reviews(count), "l"), policy.traffic.requests_topic)
+        read_topic(
+            d.kafka, policy.traffic.responses_topic, timeout_s=300, until=lambda r: len(r) >= 16
+        )
+        d.vllm[task].load_adapter(adapter, smollm2_lora(1), model_version="v2-lora")
+        responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=600)
+        dead = read_topic(
+            d.kafka, policy.traffic.dead_letter_topic, until=lambda recs: False, timeout_s=2
+        )
+    assert {r["id"] for r in responses} == ids
+    assert dead == []
+    assert all(r["output"] in LABELS for r in responses)
+    assert {r["model_version"] for r in responses} == {SMOLLM2_SERVED_NAME, "v2-lora"}
+    _versions_only_move_forward(responses, SMOLLM2_SERVED_NAME, "v2-lora")
+
+
+def _linked_model_dir(source: Path, dest: Path) -> Path:
+    """A model directory whose files are symlinks to ``source``'s: a "new version"
+    with the same weights, at a different path, without copying them."""
+    dest.mkdir(parents=True)
+    for item in source.iterdir():
+        (dest / item.name).symlink_to(item)
+    return dest
+
+
+def _managed_policy(tmp_path: Path, model: str, concurrency: int) -> tuple[Path, str]:
+    """A classification policy with a managed server of the test's own. Eager and
+    float32: no torch.compile on each (re)start, and fast matmuls on AVX2."""
+    path, task = _classification_policy(
+        tmp_path,
+        "enforce_eager: true, dtype: float32, start_timeout_s: 900",
+        concurrency=concurrency,
+    )
+    path.write_text(path.read_text().replace(f"model: {SMOLLM2_SERVED_NAME}", f"model: {model}"))
+    return path, task
+
+
+def test_full_weight_version_switch_restarts_vllm_with_requests_held(
+    tmp_path: Path, broker: EmbeddedBroker, smollm2_dir: Path
+) -> None:
+    models = tmp_path / "models"
+    _linked_model_dir(smollm2_dir, models / "v1")
+    new_dir = _linked_model_dir(smollm2_dir, models / "v2")
+    path, task = _managed_policy(tmp_path, "v1", concurrency=8)
+    policy = load_policy(path)
+    count = 80
+    ids = {f"w-{i}" for i in range(count)}
+    with running_daemon(_settings(broker, tmp_path, models), {task: policy}) as d:
+        assert d.wait_ready(60)
+        deployment = d.vllm[task]
+        assert deployment.model_version == "v1"
+        replay(d.kafka, _requests(task, _reviews(count), "w"), policy.traffic.requests_topic)
+        read_topic(
+            d.kafka, policy.traffic.responses_topic, timeout_s=300, until=lambda r: len(r) >= 16
+        )
+        deployment.switch_model(new_dir, "v2")
+        assert deployment.server is not None
+        served = httpx.get(f"{deployment.server.base_url}/v1/models", timeout=10).json()
+        responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=600)
+        dead = read_topic(
+            d.kafka, policy.traffic.dead_letter_topic, until=lambda recs: False, timeout_s=2
+        )
+    # The restarted server loads the new directory under the same served name.
+    assert [m["root"] for m in served["data"]] == [str(new_dir)]
+    assert {r["id"] for r in responses} == ids
+    assert dead == []
+    assert {r["model_version"] for r in responses} == {"v1", "v2"}
+    _versions_only_move_forward(responses, "v1", "v2")
+
+
+def test_a_switch_to_a_version_that_does_not_start_keeps_the_old_one_serving(
+    tmp_path: Path, broker: EmbeddedBroker, smollm2_dir: Path
+) -> None:
+    models = tmp_path / "models"
+    _linked_model_dir(smollm2_dir, models / "v1")
+    broken = models / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+    path, task = _managed_policy(tmp_path, "v1", concurrency=8)
+    policy = load_policy(path)
+    ids = {f"b-{i}" for i in range(12)}
+    with running_daemon(_settings(broker, tmp_path, models), {task: policy}) as d:
+        assert d.wait_ready(60)
+        deployment = d.vllm[task]
+        with pytest.raises(BackendError, match=r"'v2'.*did not start.*'v1' serves again"):
+            deployment.switch_model(broken, "v2")
+        assert deployment.model_version == "v1"
+        replay(d.kafka, _requests(task, _reviews(12), "b"), policy.traffic.requests_topic)
+        responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=300)
+    assert {r["id"] for r in responses} == ids
+    assert {r["model_version"] for r in responses} == {"v1"}
 
 
 def test_vllm_killed_mid_stream_every_request_is_answered(
     tmp_path: Path, broker: EmbeddedBroker, smollm2_dir: Path
 ) -> None:
-    # A managed server of its own (the shared one must not be killed).
-    # Eager and float32: no torch.compile on each (re)start, and fast matmuls on AVX2.
-    path, task = _classification_policy(
-        tmp_path, "enforce_eager: true, dtype: float32, start_timeout_s: 900", concurrency=16
-    )
-    # The served name is the model directory's: point the policy at the SmolLM2 dir.
-    text = path.read_text().replace(f"model: {SMOLLM2_SERVED_NAME}", f"model: {smollm2_dir.name}")
-    path.write_text(text)
+    # A managed server of its own (the shared one must not be killed), serving the
+    # SmolLM2 directory under its own name.
+    path, task = _managed_policy(tmp_path, smollm2_dir.name, concurrency=16)
     policy = load_policy(path)
     texts = _reviews(200)
     ids = {f"k-{i}" for i in range(200)}

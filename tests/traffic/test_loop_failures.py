@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from distilld.log import configure_logging
+from distilld.serving.base import Prediction
 from distilld.serving.fake import FakeStudent
 from distilld.settings import KafkaConfig
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
-from distilld.traffic.loop import ServingLoop, TaskRoute
+from distilld.traffic.loop import AnsweredHook, ServingLoop, TaskRoute
+from distilld.traffic.records import Request
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import unique
 
@@ -36,7 +38,12 @@ def _route(task: str, batch: int, wait_ms: int) -> TaskRoute:
 
 
 def _serve(
-    kafka: KafkaConfig, route: TaskRoute, student: FakeStudent, lines: list[bytes], expect: int
+    kafka: KafkaConfig,
+    route: TaskRoute,
+    student: FakeStudent,
+    lines: list[bytes],
+    expect: int,
+    on_answered: AnsweredHook | None = None,
 ) -> tuple[list[dict[str, object]], list[dict[str, object]], ServingLoop]:
     ensure_topics(kafka, [route.requests_topic, route.responses_topic, route.dead_letter_topic])
     replay(kafka, lines, route.requests_topic)
@@ -49,6 +56,7 @@ def _serve(
         {route.task: student},
         fallback_dead_letter_topic="unused.dead-letter",
         max_message_bytes=100_000,
+        on_answered=on_answered,
     )
     stop = threading.Event()
     thread = threading.Thread(target=loop.run, args=(stop,))
@@ -93,6 +101,60 @@ def test_a_poison_input_is_isolated_and_dead_lettered_the_rest_answered(
     assert loop.stats.dead_lettered == {"student_failed": 1}
     # The failing batch was retried one input at a time.
     assert 1 in student.batches
+
+
+def test_each_answer_is_handed_to_the_shadow_hook_with_its_version(
+    kafka_config: KafkaConfig,
+) -> None:
+    task = unique("hook")
+    route = _route(task, batch=4, wait_ms=20)
+    lines = [
+        json.dumps(
+            {"id": f"h-{i}", "task": task, "input": f"text {i}", "metadata": {"shop": "s1"}}
+        ).encode()
+        for i in range(10)
+    ]
+    seen: list[tuple[Request, Prediction, str]] = []
+    student = FakeStudent(["a", "b"])
+    responses, _dead, _loop = _serve(
+        kafka_config,
+        route,
+        student,
+        lines,
+        expect=10,
+        on_answered=lambda request, prediction, version: seen.append(
+            (request, prediction, version)
+        ),
+    )
+    assert sorted(r.id for r, _, _ in seen) == sorted(f"h-{i}" for i in range(10))
+    by_id = {str(r["id"]): r for r in responses}
+    for request, prediction, version in seen:
+        assert request.metadata == {"shop": "s1"}
+        assert prediction.output == by_id[request.id]["output"]
+        assert version == by_id[request.id]["model_version"] == student.model_version
+
+
+def test_a_failing_shadow_hook_never_stops_serving(
+    kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    task = unique("hookfail")
+    route = _route(task, batch=4, wait_ms=20)
+    lines = [
+        json.dumps({"id": f"f-{i}", "task": task, "input": f"text {i}"}).encode() for i in range(12)
+    ]
+
+    def broken(_request: Request, _prediction: Prediction, _version: str) -> None:
+        raise RuntimeError("shadow queue exploded")
+
+    responses, _dead, _loop = _serve(
+        kafka_config, route, FakeStudent(["a", "b"]), lines, expect=12, on_answered=broken
+    )
+    assert len({r["id"] for r in responses}) == 12
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+    failures = [e for e in events if e.get("event") == "shadow.hook_failed"]
+    assert len(failures) == 1  # reported once, not once per answer
+    assert "shadow queue exploded" in failures[0]["error"]
 
 
 def test_backlog_is_answered_in_full_batches(kafka_config: KafkaConfig) -> None:

@@ -13,11 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from distilld.app import resolve_model_dir, running_daemon
+from distilld.app import running_daemon
 from distilld.demo.data import LABELS, load_rows, malformed_lines, request_line, split_rows
 from distilld.demo.student import train_quickstart_student
 from distilld.errors import ConfigError, DistilldError
 from distilld.log import get_logger
+from distilld.modelpaths import resolve_model_dir
 from distilld.policy.load import load_policy
 from distilld.settings import Settings
 from distilld.traffic.replay import read_topic, replay

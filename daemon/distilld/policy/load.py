@@ -6,6 +6,12 @@ names the file, the field path and what was expected, for example::
     policies/reviews.yaml: student.batch.max_size: expected a number greater
     than or equal to 1 (received -1)
 
+The path is the one the operator writes: the ``teacher`` section is a union
+told apart by ``backend``, and pydantic's own path (``teacher.openai.prompt``)
+is shown as ``teacher.prompt``. A check that spans the fields of a section
+(``monitors.accuracy``: min_samples above the window) is reported at the
+section.
+
 pydantic's own messages and tracebacks never reach the operator. A directory
 of policies is checked as a whole: the problems of every file are reported
 together, so one run shows everything to fix.
@@ -13,12 +19,15 @@ together, so one run shows everything to fix.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from distilld.errors import PolicyError
@@ -133,6 +142,93 @@ def _reserved_sections() -> list[str]:
     return [name for name, field in Policy.model_fields.items() if field.annotation is type(None)]
 
 
+@dataclass(frozen=True)
+class _Union:
+    """A union of section models told apart by the value of one field."""
+
+    discriminator: str
+    members: dict[str, type[BaseModel]]  # tag value -> model
+
+    def tags(self) -> str:
+        *head, last = [repr(tag) for tag in self.members]
+        return f"{', '.join(head)} or {last}" if head else last
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | _Union | None:
+    """The section model, or the discriminated union of models, of a field's annotation."""
+    discriminator: str | None = None
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation, *metadata = get_args(annotation)
+            for meta in metadata:
+                if isinstance(meta, FieldInfo) and isinstance(meta.discriminator, str):
+                    discriminator = meta.discriminator
+            continue
+        if origin in (Union, types.UnionType):
+            args = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if len(args) == 1:  # X | None
+                annotation = args[0]
+                continue
+            if discriminator is None:
+                return None
+            members: dict[str, type[BaseModel]] = {}
+            for arg in args:
+                if not (isinstance(arg, type) and issubclass(arg, BaseModel)):
+                    return None
+                tag_annotation = arg.model_fields[discriminator].annotation
+                if get_origin(tag_annotation) is Literal:
+                    members.update({str(tag): arg for tag in get_args(tag_annotation)})
+            return _Union(discriminator, members)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return None
+
+
+@dataclass(frozen=True)
+class _Location:
+    """Where a pydantic error is, as the operator reads it.
+
+    ``path`` is pydantic's location without the tags of discriminated unions;
+    ``model`` is the section model the location ends at (None: a plain field,
+    a list item, a dict entry); ``chosen_by`` says which union tag chose
+    ``model`` ("backend openai").
+    """
+
+    path: tuple[int | str, ...]
+    model: type[BaseModel] | None
+    chosen_by: str | None = None
+    union: _Union | None = None  # set when the location ends at a union field
+
+
+def _locate(loc: Sequence[int | str]) -> _Location:
+    path: list[int | str] = []
+    model: type[BaseModel] | None = Policy
+    chosen_by: str | None = None
+    union: _Union | None = None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        chosen_by, union = None, None
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            model = None
+            continue
+        section = _section_type(model.model_fields[part].annotation)
+        if isinstance(section, _Union):
+            # pydantic puts the member's tag after the field: teacher.openai.prompt
+            candidate = parts[0] if parts else None
+            if isinstance(candidate, str) and candidate in section.members:
+                parts.pop(0)
+                chosen_by = f"{section.discriminator} {candidate}"
+                model = section.members[candidate]
+            else:
+                model, union = None, section
+        else:
+            model = section
+    return _Location(tuple(path), model, chosen_by, union)
+
+
 def _format_path(loc: Sequence[int | str]) -> str:
     path = ""
     for part in loc:
@@ -150,28 +246,16 @@ def _received(value: Any) -> str:
     return f"(received {text})"
 
 
-def _section_model(loc: Sequence[int | str]) -> type[BaseModel] | None:
-    """The model class of the section at ``loc`` (``()`` is the policy itself)."""
-    model: type[BaseModel] = Policy
-    for part in loc:
-        if not isinstance(part, str) or part not in model.model_fields:
-            return None
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def _unknown_field(loc: Sequence[int | str]) -> str:
-    section_loc = loc[:-1]
-    model = _section_model(section_loc)
+def _unknown_field(section: _Location) -> str:
+    model = section.model
     if model is None:
         return "unknown field"
     reserved = set(_reserved_sections()) if model is Policy else set()
     allowed = [name for name in model.model_fields if name not in reserved]
-    section = _format_path(section_loc) if section_loc else "a policy"
-    return f"unknown field; the fields of {section} are: {', '.join(allowed)}"
+    name = _format_path(section.path) if section.path else "a policy"
+    if section.chosen_by is not None:
+        name += f" ({section.chosen_by})"
+    return f"unknown field; the fields of {name} are: {', '.join(allowed)}"
 
 
 def _expected(error: ErrorDetails) -> str:
@@ -205,12 +289,30 @@ def _expected(error: ErrorDetails) -> str:
 
 def _problem(path: Path, error: ErrorDetails) -> str:
     """One operator-readable line for one pydantic error."""
-    loc = list(error["loc"])
+    where = _locate(error["loc"])
+    loc = list(where.path)
     kind = error["type"]
     if kind == "missing":
         return f"{path}: {_format_path(loc)}: required field is missing"
     if kind == "extra_forbidden":
-        return f"{path}: {_format_path(loc)}: {_unknown_field(loc)} {_received(error['input'])}"
+        section = _locate(error["loc"][:-1])
+        return f"{path}: {_format_path(loc)}: {_unknown_field(section)} {_received(error['input'])}"
+    if kind in ("union_tag_not_found", "union_tag_invalid") and where.union is not None:
+        union = where.union
+        field = _format_path([*loc, union.discriminator])
+        if kind == "union_tag_not_found":
+            return (
+                f"{path}: {field}: required field is missing; expected {union.tags()} "
+                f"(it decides which other fields {_format_path(loc)} takes)"
+            )
+        tag = error["input"].get(union.discriminator) if isinstance(error["input"], dict) else None
+        return f"{path}: {field}: expected {union.tags()} {_received(tag)}"
+    if len(loc) >= 2 and loc[-1] == "[key]":
+        # A mapping key that is not allowed: pydantic adds "[key]" after the key.
+        key, loc = loc[-2], loc[:-2]
+        return (
+            f"{path}: {_format_path(loc)}: {_expected(error)} as a key (received the key {key!r})"
+        )
     if kind == "value_error":
         cause = error.get("ctx", {}).get("error")
         message = str(cause) if cause is not None else error["msg"]
@@ -219,10 +321,22 @@ def _problem(path: Path, error: ErrorDetails) -> str:
             # exception knows the field, and the input is the whole section.
             loc += cause.field.split(".")
             return f"{path}: {_format_path(loc)}: {message}"
-        if "received" not in message:
+        # A check of a whole section names the values it compared; the
+        # section's content would only repeat them.
+        if "received" not in message and where.model is None:
             message += " " + _received(error["input"])
         return f"{path}: {_format_path(loc)}: {message}"
     return f"{path}: {_format_path(loc)}: {_expected(error)} {_received(error['input'])}"
+
+
+def _optional_sections() -> list[str]:
+    """Top-level sections that may be left out entirely (teacher)."""
+    sections = []
+    for name, field in Policy.model_fields.items():
+        nullable = type(None) in get_args(field.annotation)
+        if nullable and _section_type(field.annotation) is not None:
+            sections.append(name)
+    return sections
 
 
 def _validate(path: Path, data: dict[str, Any]) -> Policy:
@@ -235,7 +349,19 @@ def _validate(path: Path, data: dict[str, Any]) -> Policy:
                 f"{path}: {name}: the {name} section is not supported by this version of "
                 "distilld yet; remove it"
             )
-    data = {key: value for key, value in data.items() if key not in _reserved_sections()}
+    # An empty optional section (`teacher:` with nothing below) would silently
+    # mean "no teacher": the operator more likely forgot to fill it in.
+    for name in _optional_sections():
+        if name in data and data[name] is None:
+            problems.append(
+                f"{path}: {name}: the {name} section is empty; fill it in (see `distilld "
+                f"policy schema`) or remove the {name} key (received None)"
+            )
+    data = {
+        key: value
+        for key, value in data.items()
+        if key not in _reserved_sections() and not (key in _optional_sections() and value is None)
+    }
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:

@@ -5,6 +5,11 @@ error, not a silently ignored setting. Validation that spans fields (a
 classification task needs labels, a causal-LM student needs a prompt) lives in
 model validators here; the loader (``policy/load.py``) turns pydantic's errors
 into messages that name the file and the field path.
+
+Sections read by one part of the daemon are defined beside it and plugged in
+here: ``teacher`` (``teacher/config.py``), ``sampling`` and ``monitors``
+(``monitoring/config.py``). The names those modules share with this one live
+in ``policy/common.py`` so that they need not import this module.
 """
 
 from __future__ import annotations
@@ -16,23 +21,34 @@ from typing import Annotated, Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-INPUT_PLACEHOLDER = "{input}"
+from distilld.monitoring.config import (
+    CATEGORICAL_FEATURES,
+    LENGTH_SEGMENT_KEY,
+    MonitorsConfig,
+    SamplingConfig,
+)
+from distilld.policy.common import INPUT_PLACEHOLDER, Architecture, PolicyFieldError
+from distilld.teacher.config import OpenAITeacherConfig, TeacherConfig, TransformersTeacherConfig
+
+__all__ = [
+    "INPUT_PLACEHOLDER",
+    "NAME_PATTERN",
+    "TOPIC_PATTERN",
+    "AlertsPolicy",
+    "Architecture",
+    "BatchPolicy",
+    "Policy",
+    "PolicyFieldError",
+    "StudentPolicy",
+    "TaskKind",
+    "TopicName",
+    "TrafficPolicy",
+    "VllmPolicy",
+]
+
 # Kafka's own rule for topic names (legal characters, at most 249 of them).
 TOPIC_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-
-
-class PolicyFieldError(ValueError):
-    """A cross-field check failed, and ``field`` (a dotted path) is the field at fault.
-
-    pydantic reports a model validator's error at the model's own location; the
-    loader reads ``field`` back from the error so the operator sees which field
-    to change.
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _article(word: str) -> str:
@@ -52,11 +68,6 @@ class TaskKind(StrEnum):
     classification = "classification"
     extraction = "extraction"
     generation = "generation"
-
-
-class Architecture(StrEnum):
-    sequence_classification = "sequence-classification"
-    causal_lm = "causal-lm"
 
 
 class TrafficPolicy(_Strict):
@@ -169,6 +180,16 @@ class StudentPolicy(_Strict):
         return value
 
 
+class AlertsPolicy(_Strict):
+    """Where alert events go besides the log (a structlog JSON line per event)."""
+
+    topic: TopicName | None = Field(
+        default=None,
+        description="Also produce each alert event (breach and recovery) as JSON to this "
+        "Kafka topic. Unset: the log only.",
+    )
+
+
 class Policy(_Strict):
     """One distillation task: what it is, where its traffic flows, who answers."""
 
@@ -189,14 +210,27 @@ class Policy(_Strict):
     )
     traffic: TrafficPolicy
     student: StudentPolicy
-    # Sections that later versions fill. Declared so the schema shows them and
-    # so a policy that sets them gets a clear "not supported yet" error rather
-    # than having them silently ignored.
-    teacher: None = None
-    sampling: None = None
-    monitors: None = None
+    teacher: TeacherConfig | None = Field(
+        default=None,
+        description="Who labels the sampled requests the student is compared with "
+        "(backend: openai or transformers). Unset: no shadow comparison, so no accuracy "
+        "verdict; drift monitoring still runs.",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="Which requests are also sent to the teacher (needs a teacher).",
+    )
+    monitors: MonitorsConfig = Field(
+        default_factory=MonitorsConfig,
+        description="Accuracy (needs a teacher) and drift checks: interval, windows, thresholds.",
+    )
+    alerts: AlertsPolicy = Field(
+        default_factory=AlertsPolicy, description="Where alert events go besides the log."
+    )
+    # A section that a later version fills. Declared so the schema shows it and
+    # so a policy that sets it gets a clear "not supported yet" error rather
+    # than having it silently ignored.
     retraining: None = None
-    alerts: None = None
 
     @field_validator("labels")
     def _labels_distinct(cls, value: list[str] | None) -> list[str] | None:
@@ -282,6 +316,80 @@ class Policy(_Strict):
                 f"a sequence-classification student can only serve classification tasks; "
                 f"use architecture: causal-lm for {self.kind.value}",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_fits_the_task(self) -> Policy:
+        teacher = self.teacher
+        if teacher is None:
+            if "sampling" in self.model_fields_set:
+                raise PolicyFieldError(
+                    "sampling",
+                    "the sampling section chooses the requests sent to the teacher, and this "
+                    "policy has no teacher section; add a teacher or remove sampling",
+                )
+            return self
+        has_prompt = teacher.prompt is not None or self.prompt is not None
+        if isinstance(teacher, OpenAITeacherConfig) and not has_prompt:
+            raise PolicyFieldError(
+                "teacher.prompt",
+                "an openai teacher needs a prompt template containing {input}; set "
+                "teacher.prompt, or the policy's prompt (which the teacher then uses too)",
+            )
+        if isinstance(teacher, TransformersTeacherConfig):
+            if teacher.architecture is Architecture.causal_lm and not has_prompt:
+                raise PolicyFieldError(
+                    "teacher.prompt",
+                    "a causal-lm teacher needs a prompt template containing {input}; set "
+                    "teacher.prompt, or the policy's prompt (which the teacher then uses too)",
+                )
+            is_classification = self.kind is TaskKind.classification
+            if teacher.architecture is Architecture.sequence_classification and (
+                not is_classification
+            ):
+                raise PolicyFieldError(
+                    "teacher.architecture",
+                    f"a sequence-classification teacher can only label classification tasks; "
+                    f"use architecture: causal-lm for {self.kind.value}",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _monitors_fit_the_task(self) -> Policy:
+        features = self.monitors.drift.features or []
+        categorical = sorted(CATEGORICAL_FEATURES.intersection(features))
+        if categorical and self.kind is not TaskKind.classification:
+            raise PolicyFieldError(
+                "monitors.drift.features",
+                f"{categorical} only exist for classification tasks (a predicted label); "
+                f"remove them for {_article(self.kind.value)} {self.kind.value} task",
+            )
+        sampled = self.sampling.segment_keys
+        checked = self.monitors.accuracy.segments.keys
+        if sampled is not None and checked is not None:
+            recorded = {*sampled, LENGTH_SEGMENT_KEY}
+            missing = [key for key in checked if key not in recorded]
+            if missing:
+                raise PolicyFieldError(
+                    "monitors.accuracy.segments.keys",
+                    f"{missing} are not segment keys of the sampled requests (sampling."
+                    f"segment_keys is {sampled}, plus {LENGTH_SEGMENT_KEY!r}), so these "
+                    "segments would never have comparisons; add them to "
+                    "sampling.segment_keys or remove them here",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _alerts_topic_is_its_own(self) -> Policy:
+        topic = self.alerts.topic
+        traffic = self.traffic
+        for name in ("requests_topic", "responses_topic", "dead_letter_topic"):
+            if topic is not None and topic == getattr(traffic, name):
+                raise PolicyFieldError(
+                    "alerts.topic",
+                    f"{topic!r} is already traffic.{name}; alert events need a topic of "
+                    "their own (e.g. distilld.alerts)",
+                )
         return self
 
     def render_prompt(self, text: str) -> str:

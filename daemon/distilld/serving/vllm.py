@@ -41,6 +41,9 @@ from distilld.serving.base import Prediction, validated_json
 
 T = TypeVar("T")
 
+#: Special tokens a sequence-classification encoder adds around one input.
+_ENCODER_SPECIAL_TOKENS = 2
+
 
 @dataclass(frozen=True)
 class VllmTarget:
@@ -65,6 +68,12 @@ class VllmStudent:
 
     def __init__(self, target: VllmTarget, model_version: str) -> None:
         self._current: tuple[VllmTarget, str] = (target, model_version)
+        # Set while the server is being replaced (a full-weight version switch):
+        # predict then raises BackendUnavailable, so the serving loop holds the
+        # requests instead of sending them to a server that is going away.
+        self._held_because: str | None = None
+        self._in_flight = 0  # predict calls under way; guarded by _idle
+        self._idle = threading.Condition()
         self._validator = (
             jsonschema.Draft202012Validator(target.schema) if target.schema is not None else None
         )
@@ -82,17 +91,39 @@ class VllmStudent:
     def model_version(self) -> str:
         return self._current[1]
 
+    @property
+    def served_model(self) -> str:
+        """The name requests are sent under (the served model or LoRA adapter)."""
+        return self._current[0].model
+
     def switch(self, served_model: str, model_version: str) -> None:
-        """Serve later batches with another served model (e.g. a new LoRA adapter).
+        """Serve later batches with another served model (e.g. a new LoRA adapter),
+        and end a :meth:`hold`.
 
         A batch already being answered finishes on the model it started with,
         and its predictions say so: no request is answered by a half-switched
         model or reported under the wrong version."""
-        # One assignment, so a concurrent predict sees the old pair or the new one.
-        self._current = (_replace(self._target, model=served_model), model_version)
+        with self._idle:  # a concurrent predict sees the old pair or the new one
+            self._current = (_replace(self._target, model=served_model), model_version)
+            self._held_because = None
 
-    def load_adapter(self, name: str, path: str) -> None:
-        """Load a LoRA adapter into the server under a new name, then switch to it.
+    def hold(self, reason: str, drain_timeout_s: float = 60.0) -> None:
+        """Refuse new batches (BackendUnavailable, so the loop holds and retries them)
+        until :meth:`switch` or :meth:`release`, and wait up to ``drain_timeout_s``
+        for the batches already sent to finish, so none of them reaches the server
+        that replaces the current one."""
+        with self._idle:
+            self._held_because = reason
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=drain_timeout_s)
+
+    def release(self) -> None:
+        """End a :meth:`hold` without changing the served model."""
+        with self._idle:
+            self._held_because = None
+
+    def load_adapter(self, name: str, path: str, model_version: str | None = None) -> None:
+        """Load a LoRA adapter into the server under a new name, then switch to it
+        (answers then report ``model_version``, by default the adapter name).
 
         Every version needs a new name: vLLM may serve stale prefix-cache
         entries for an adapter reloaded under the same name."""
@@ -101,15 +132,24 @@ class VllmStudent:
                 "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, expect_json=False
             )
         )
-        self.switch(name, name)
+        self.switch(name, model_version or name)
 
     @property
     def _target(self) -> VllmTarget:
         return self._current[0]
 
     def predict(self, inputs: Sequence[str]) -> list[Prediction]:
-        target, version = self._current  # one pair for the whole batch, even during a switch
-        predictions = self._run(self._predict_all(list(inputs), target))
+        with self._idle:
+            if self._held_because is not None:
+                raise BackendUnavailable(f"the vLLM student is held: {self._held_because}")
+            self._in_flight += 1
+            target, version = self._current  # one pair for the whole batch, even during a switch
+        try:
+            predictions = self._run(self._predict_all(list(inputs), target))
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
         return [replace(p, model_version=version) for p in predictions]
 
     def close(self) -> None:
@@ -205,14 +245,16 @@ class VllmStudent:
                 f"vLLM chat completion without choices[0].message: {str(doc)[:200]}"
             ) from exc
         if target.kind == "choice":
-            return _choice_prediction(content, tokens, target.labels)
+            return choice_prediction(content, tokens, target.labels)
         return self._json_prediction(content, tokens)
 
-    async def _truncate(self, text: str, target: VllmTarget) -> str:
-        """Cut the input text (not the prompt's instructions) to max_input_tokens, with
-        the served model's own tokenizer. A byte-level tokenizer never makes more
-        tokens than bytes, so short texts skip the two round trips."""
-        if len(text.encode("utf-8")) <= target.max_input_tokens:
+    async def _truncate(self, text: str, target: VllmTarget, reserved: int = 0) -> str:
+        """Cut the input text (not the prompt's instructions) to max_input_tokens minus
+        ``reserved``, with the served model's own tokenizer, keeping the start or the
+        end as truncation_side says. A byte-level tokenizer never makes more tokens
+        than bytes, so short texts skip the two round trips."""
+        budget = max(1, target.max_input_tokens - reserved)
+        if len(text.encode("utf-8")) <= budget:
             return text
         doc = await self._post(
             "/tokenize", {"model": target.model, "prompt": text, "add_special_tokens": False}
@@ -220,13 +262,9 @@ class VllmStudent:
         tokens = doc.get("tokens")
         if not isinstance(tokens, list):
             raise BackendUnavailable(f"vLLM /tokenize answer without tokens: {str(doc)[:200]}")
-        if len(tokens) <= target.max_input_tokens:
+        if len(tokens) <= budget:
             return text
-        kept = (
-            tokens[: target.max_input_tokens]
-            if target.truncation_side == "right"
-            else tokens[-target.max_input_tokens :]
-        )
+        kept = tokens[:budget] if target.truncation_side == "right" else tokens[-budget:]
         doc = await self._post("/detokenize", {"model": target.model, "tokens": kept})
         prompt = doc.get("prompt")
         if not isinstance(prompt, str):
@@ -235,38 +273,41 @@ class VllmStudent:
 
     def _json_prediction(self, content: str, tokens: list[dict[str, Any]]) -> Prediction:
         assert self._validator is not None  # set for every JSON task
-        return validated_json(content, _mean_token_probability(tokens), self._validator)
+        return validated_json(content, mean_token_probability(tokens), self._validator)
 
     async def _classify(self, texts: list[str], target: VllmTarget) -> list[Prediction]:
         # One request per input, sent together: vLLM batches them itself.
-        docs = await asyncio.gather(
-            *(
-                self._post(
-                    "/classify",
-                    {
-                        "model": target.model,
-                        "input": [text],
-                        "truncate_prompt_tokens": target.max_input_tokens,
-                    },
-                )
-                for text in texts
-            )
-        )
+        docs = await asyncio.gather(*(self._classify_one(text, target) for text in texts))
         return [_classify_prediction(doc, target.labels) for doc in docs]
+
+    async def _classify_one(self, text: str, target: VllmTarget) -> dict[str, Any]:
+        # vLLM's truncate_prompt_tokens keeps the END of the input; the policy's
+        # truncation_side decides here instead. Two tokens are left for the encoder's
+        # start and end markers ([CLS]/[SEP], <s>/</s>); truncate_prompt_tokens stays
+        # as the hard cap in case a model adds more.
+        text = await self._truncate(text, target, reserved=_ENCODER_SPECIAL_TOKENS)
+        return await self._post(
+            "/classify",
+            {
+                "model": target.model,
+                "input": [text],
+                "truncate_prompt_tokens": target.max_input_tokens,
+            },
+        )
 
 
 def _replace(target: VllmTarget, **changes: Any) -> VllmTarget:
     return replace(target, **changes)
 
 
-def _mean_token_probability(tokens: list[dict[str, Any]]) -> float:
+def mean_token_probability(tokens: list[dict[str, Any]]) -> float:
     """exp(mean log-probability) of the generated tokens (1.0 when vLLM sent none)."""
     values = [t["logprob"] for t in tokens if isinstance(t.get("logprob"), int | float)]
     finite = [v for v in values if math.isfinite(v)]
     return math.exp(sum(finite) / len(finite)) if finite else 0.0 if values else 1.0
 
 
-def _choice_prediction(
+def choice_prediction(
     content: str, tokens: list[dict[str, Any]], labels: tuple[str, ...]
 ) -> Prediction:
     """The label, its probability and, where the first token's top-k covers every

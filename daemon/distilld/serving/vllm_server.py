@@ -22,6 +22,7 @@ backend (:mod:`distilld.serving.vllm`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -289,6 +290,18 @@ class ManagedVllmServer:
                 time.sleep(0.1)
             self._proc = None
             self._close_log()
+
+    def use_model(self, model_dir: Path) -> None:
+        """Serve ``model_dir`` from the next start on (the served name stays the same).
+
+        Only while stopped: a running server keeps the weights it loaded."""
+        with self._lock:
+            if self.is_alive():
+                raise BackendError(
+                    f"the vLLM server for {self._config.served_model_name!r} is running "
+                    f"(pid {self.pid}); stop it before changing its model directory"
+                )
+            self._config = dataclasses.replace(self._config, model_dir=model_dir)
 
     def restart(self, *, wait: bool = True) -> None:
         """Stop the server (if running) and start it again on the same port."""

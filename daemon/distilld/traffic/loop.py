@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,11 @@ class _Waiting:
     timestamp_ms: int | None
 
 
+#: Called on the loop thread with each answered request, its prediction and the
+#: version that answered. Must return at once (hand the work to another thread).
+AnsweredHook = Callable[[Request, Prediction, str], None]
+
+
 @dataclass
 class _Outage:
     """A task whose backend is unavailable: when it started and when to retry."""
@@ -129,6 +134,7 @@ class ServingLoop:
         commit_interval_ms: int = 0,
         stats_interval_s: float = 30.0,
         max_poll_records: int | None = None,
+        on_answered: AnsweredHook | None = None,
     ) -> None:
         missing = [r.task for r in routes if r.task not in backends]
         if missing:
@@ -143,6 +149,8 @@ class ServingLoop:
         for route in sorted(routes, key=lambda r: r.task):
             self._topic_dead_letter.setdefault(route.requests_topic, route.dead_letter_topic)
         self._fallback_dead_letter_topic = fallback_dead_letter_topic
+        self._on_answered = on_answered
+        self._hook_failed = False
         self._max_message_bytes = max_message_bytes
         self._commit_interval_s = commit_interval_ms / 1000.0
         self._stats_interval_s = stats_interval_s
@@ -438,6 +446,26 @@ class ServingLoop:
             waiting.offset,
             _Outgoing(route.responses_topic, key, value, "response"),
         )
+        if self._on_answered is not None:
+            self._notify(waiting.request, prediction, model_version)
+
+    def _notify(self, request: Request, prediction: Prediction, model_version: str) -> None:
+        """Hand the answer to the shadow side (sampling, reservoir). The hook must not
+        block; if it raises, serving goes on and the failure is reported once."""
+        assert self._on_answered is not None
+        try:
+            self._on_answered(request, prediction, prediction.model_version or model_version)
+        except Exception as exc:
+            if not self._hook_failed:
+                self._hook_failed = True
+                alert(
+                    self._log,
+                    "shadow.hook_failed",
+                    severity="error",
+                    task=request.task,
+                    error=f"{type(exc).__name__}: {exc}",
+                    action="serving continues; answers are not sampled while this lasts",
+                )
 
     def _on_backend_failure(self, task: str, batch: list[_Waiting], exc: Exception) -> None:
         if task not in self._failing_tasks:

@@ -88,7 +88,8 @@ def read_topic(
     decode: bool = True,
 ) -> list[dict[str, Any]]:
     """Read ``topic`` from the beginning (no consumer group) until ``until(records)``
-    is true or the timeout passes. Each record is its JSON value plus ``_key``."""
+    is true or the timeout passes. Each record is its JSON value plus ``_key``,
+    ``_partition`` and ``_offset``."""
     consumer = make_consumer(config, group_id=None)
     out: list[dict[str, Any]] = []
     try:
@@ -115,6 +116,8 @@ def read_topic(
                     else:
                         doc = {"_raw": record.value}
                     doc["_key"] = record.key
+                    doc["_partition"] = record.partition
+                    doc["_offset"] = record.offset
                     out.append(doc)
     finally:
         consumer.close()

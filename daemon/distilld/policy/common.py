@@ -1,0 +1,37 @@
+"""Building blocks shared by every policy section.
+
+``policy/model.py`` assembles the policy from its sections, and some sections
+live beside the code that reads them (``teacher/config.py``,
+``monitoring/config.py``). What more than one of them needs is here, in a
+module that imports none of them, so that ``model.py`` can import the
+sections and the sections can import these names without an import cycle.
+``model.py`` re-exports every name, which stays the place to import them from
+outside the policy sections.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+INPUT_PLACEHOLDER = "{input}"
+
+
+class PolicyFieldError(ValueError):
+    """A cross-field check failed, and ``field`` (a dotted path) is the field at fault.
+
+    pydantic reports a model validator's error at the model's own location; the
+    loader reads ``field`` back from the error so the operator sees which field
+    to change. It is a ValueError because pydantic only turns ValueErrors raised
+    in validators into validation errors; it never leaves the policy loader.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Architecture(StrEnum):
+    """How a model directory is loaded and driven (the student's or the teacher's)."""
+
+    sequence_classification = "sequence-classification"
+    causal_lm = "causal-lm"

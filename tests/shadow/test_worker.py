@@ -1,0 +1,396 @@
+"""The shadow worker: reservoir, sampling, teacher batches and comparisons, off the serving path.
+
+The real parts: a SqliteStore on disk, the in-process MiniLM teacher
+(LocalTeacher) on Rotten Tomatoes reviews. Outages, slowness and garbage
+answers need a teacher that fails on command: FakeTeacher (a fake, labelled
+so); a wrapper store that holds its writes (BlockingStore, around the real
+SqliteStore) fills the offer queue on purpose. Time-based behaviour (retry
+after an outage) runs on a FakeClock, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from distilld.demo.data import load_rows
+from distilld.log import configure_logging
+from distilld.monitoring.config import SamplingConfig
+from distilld.policy.load import load_policy
+from distilld.policy.model import Policy
+from distilld.shadow.worker import ShadowTask, ShadowWorker
+from distilld.store.base import StoredComparison, TrafficSample
+from distilld.store.sqlite import SqliteStore
+from distilld.teacher.base import TeacherAnswer, TeacherStatus, TeacherUnavailable
+from distilld.teacher.config import TransformersTeacherConfig
+from distilld.teacher.local import LocalTeacher
+
+LABELS = ["fresh", "rotten"]
+POLICY_YAML = """
+task: reviews
+kind: classification
+labels: [fresh, rotten]
+traffic: {requests_topic: req, responses_topic: resp, dead_letter_topic: dead}
+student: {model: student}
+teacher: {backend: transformers, model: teacher, max_input_tokens: 64}
+sampling:
+  base_rate: %(rate)s
+  min_per_segment: %(min_per_segment)s
+  length_buckets: [64, 256]
+  segment_keys: [kind]
+monitors:
+  accuracy: {window: 200, min_samples: 20}
+"""
+
+
+def load(tmp_path: Path, rate: float = 1.0, min_per_segment: int = 0) -> Policy:
+    path = tmp_path / "reviews.yaml"
+    path.write_text(POLICY_YAML % {"rate": rate, "min_per_segment": min_per_segment})
+    return load_policy(path)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTeacher:
+    """A fake teacher (the real ones cannot be made to fail on command).
+
+    mode "ok": answers "fresh" for every input; "down": raises
+    TeacherUnavailable; "garbage": every answer carries an error. With
+    ``hold`` set, each call waits until ``release`` is set.
+    """
+
+    def __init__(self, mode: str = "ok", retry_after_s: float = 30.0) -> None:
+        self.mode = mode
+        self.retry_after_s = retry_after_s
+        self.calls = 0
+        self.entered = threading.Event()
+        self.hold = False
+        self.release = threading.Event()
+
+    def label(self, inputs: Sequence[str]) -> list[TeacherAnswer]:
+        self.calls += 1
+        self.entered.set()
+        if self.hold:
+            self.release.wait(timeout=60)
+        if self.mode == "down":
+            raise TeacherUnavailable("fake teacher down", retry_after_s=self.retry_after_s)
+        if self.mode == "garbage":
+            return [
+                TeacherAnswer(output="maybe", confidence=0.0, error="not a label") for _ in inputs
+            ]
+        return [TeacherAnswer(output="fresh", confidence=0.9) for _ in inputs]
+
+    def status(self) -> TeacherStatus:
+        return TeacherStatus(available=self.mode != "down")
+
+    def close(self) -> None:
+        pass
+
+
+class BlockingStore(SqliteStore):
+    """The real SqliteStore, whose reservoir writes wait until ``release`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.release = threading.Event()
+        self.writing = threading.Event()
+
+    def add_traffic(self, samples: Sequence[TrafficSample]) -> None:
+        self.writing.set()
+        self.release.wait(timeout=60)
+        super().add_traffic(samples)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def alert_events(output: str) -> list[str]:
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    return [e["event"] for e in events if e.get("alert")]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def offer_reviews(worker: ShadowWorker, texts: Sequence[str], kind: str = "review") -> None:
+    for i, text in enumerate(texts):
+        worker.offer("reviews", f"r{i}-{kind}", text, {"kind": kind}, "fresh", 0.9, "v1")
+
+
+# --------------------------------------------------------------------------- real teacher
+
+
+def test_sampled_requests_are_compared_with_the_in_process_teacher(
+    tmp_path: Path, store: SqliteStore, minilm_sentiment_dir: Path
+) -> None:
+    policy = load(tmp_path, rate=0.5)
+    assert isinstance(policy.teacher, TransformersTeacherConfig)
+    teacher = LocalTeacher(policy.teacher, policy, minilm_sentiment_dir)
+    reviews = [r for r in load_rows() if r.label is not None and r.text.strip()][:60]
+    worker = ShadowWorker(
+        [ShadowTask.from_policy(policy, teacher)],
+        store,
+        teacher_batch_size=8,
+        teacher_batch_wait_s=0.05,
+        rng=random.Random(0),
+    )
+    worker.start()
+    try:
+        for row in reviews:
+            worker.offer(
+                "reviews",
+                row.id,
+                row.text,
+                {"kind": "review", "user": row.id},
+                row.label or "",
+                0.8,
+                "v1",
+            )
+        assert worker.wait_idle(120)
+    finally:
+        assert worker.stop(timeout_s=60)
+        teacher.close()
+
+    stats = worker.stats.snapshot()
+    assert stats["offered"] == stats["reservoir_added"] == 60
+    assert stats["sampled"] > 0
+    assert stats["compared"] == stats["sampled"]
+    assert stats["paused"] == stats["teacher_errors"] == stats["dropped_queue_full"] == 0
+    assert len(store.reservoir("reviews")) == 60
+
+    stored = store.last_comparisons("reviews", 100)
+    assert len(stored) == stats["compared"]
+    gold = {r.id: r.label for r in reviews}
+    for c in stored:
+        assert c.teacher_output in LABELS
+        assert c.teacher_probabilities is not None
+        assert c.score == (1.0 if c.teacher_output == gold[c.request_id] else 0.0)
+        assert c.schema_valid
+        assert c.model_version == "v1"
+        # Only the configured metadata key is a segment (not "user"), plus the length bucket.
+        assert set(c.segment) == {"kind", "length"}
+        assert c.segment["kind"] == "review"
+
+
+# --------------------------------------------------------------------------- outages
+
+
+def test_teacher_outage_pauses_comparisons_alerts_once_and_resumes(
+    tmp_path: Path, store: SqliteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    clock = FakeClock()
+    teacher = FakeTeacher(mode="down", retry_after_s=30.0)
+    worker = ShadowWorker(
+        [ShadowTask.from_policy(load(tmp_path), teacher)],
+        store,
+        teacher_batch_size=1,
+        clock=clock,
+    )
+    worker.start()
+    try:
+        offer_reviews(worker, [f"review number {i}" for i in range(5)])
+        assert worker.wait_idle(30)
+        stats = worker.stats.snapshot()
+        # One call found the teacher down; the other sampled requests were dropped
+        # without calling it, and the reservoir kept every request.
+        assert teacher.calls == 1
+        assert stats["paused"] == 5 and stats["compared"] == 0
+        assert stats["reservoir_added"] == 5
+        assert worker.paused_tasks() == {"reviews": 30.0}
+
+        offer_reviews(worker, ["still down, still paused"])
+        assert worker.wait_idle(30)
+        assert teacher.calls == 1
+
+        teacher.mode = "ok"
+        clock.now += 31  # past retry_after_s
+        offer_reviews(worker, [f"back again {i}" for i in range(3)])
+        assert worker.wait_idle(30)
+    finally:
+        assert worker.stop()
+
+    stats = worker.stats.snapshot()
+    assert stats["compared"] == 3
+    assert stats["paused"] == 6
+    assert worker.paused_tasks() == {}
+    assert alert_events(capsys.readouterr().out) == [
+        "teacher.unavailable",
+        "teacher.available_again",
+    ]
+    kinds = [a.kind for a in store.last_alerts("reviews")]
+    assert kinds == ["teacher_unavailable", "teacher_available"]
+
+
+def test_a_slow_teacher_holds_up_neither_offers_nor_the_reservoir(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    teacher = FakeTeacher()
+    teacher.hold = True
+    worker = ShadowWorker(
+        [ShadowTask.from_policy(load(tmp_path), teacher)],
+        store,
+        teacher_batch_size=1,
+        backlog_batches=1,
+    )
+    worker.start()
+    try:
+        offer_reviews(worker, ["the first one"])
+        assert teacher.entered.wait(30)  # the labeller is now stuck in the teacher
+        # Every offer returns while the teacher does not answer (a blocking offer
+        # would hang here until the test's timeout).
+        offer_reviews(worker, [f"more traffic {i}" for i in range(20)], kind="late")
+        # One batch waits for the teacher; the others are dropped, not queued.
+        wait_for(lambda: worker.stats.snapshot()["dropped_backlog"] == 19)
+        assert worker.stats.snapshot()["reservoir_added"] == 21
+        teacher.release.set()
+        assert worker.wait_idle(30)
+    finally:
+        teacher.release.set()
+        assert worker.stop()
+    assert worker.stats.snapshot()["compared"] == 2
+    assert store.count_comparisons("reviews") == 2
+
+
+def test_unusable_teacher_answers_are_counted_not_stored_and_alerted_once(
+    tmp_path: Path, store: SqliteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    teacher = FakeTeacher(mode="garbage")
+    worker = ShadowWorker(
+        [ShadowTask.from_policy(load(tmp_path), teacher)], store, teacher_batch_size=4
+    )
+    worker.start()
+    try:
+        offer_reviews(worker, [f"garbage in {i}" for i in range(8)])  # two batches of 4
+        assert worker.wait_idle(30)
+        assert worker.stats.snapshot()["teacher_errors"] == 8
+        assert store.count_comparisons("reviews") == 0
+        teacher.mode = "ok"
+        offer_reviews(worker, [f"fine again {i}" for i in range(4)])
+        assert worker.wait_idle(30)
+    finally:
+        assert worker.stop()
+    assert worker.stats.snapshot()["compared"] == 4
+    assert alert_events(capsys.readouterr().out) == [
+        "teacher.bad_answers",
+        "teacher.answers_ok_again",
+    ]
+
+
+def test_a_full_queue_drops_offers_and_counts_them(tmp_path: Path) -> None:
+    store = BlockingStore(tmp_path / "state.db")
+    worker = ShadowWorker(
+        [ShadowTask.from_policy(load(tmp_path), FakeTeacher())],
+        store,
+        queue_size=10,
+        teacher_batch_size=1,
+    )
+    worker.start()
+    try:
+        offer_reviews(worker, ["taken by the intake thread"])
+        assert store.writing.wait(30)  # the intake thread now waits on the store
+        offer_reviews(worker, [f"offer {i}" for i in range(50)])
+        assert worker.stats.snapshot()["dropped_queue_full"] == 40
+        store.release.set()
+        assert worker.wait_idle(30)
+    finally:
+        store.release.set()
+        assert worker.stop()
+        store.close()
+    stats = worker.stats.snapshot()
+    assert stats["offered"] == 51
+    assert stats["reservoir_added"] == 11
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_stop_drains_pending_batches_and_later_offers_are_dropped(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    worker = ShadowWorker(
+        [ShadowTask.from_policy(load(tmp_path), FakeTeacher())],
+        store,
+        teacher_batch_size=100,
+        teacher_batch_wait_s=3600,  # the batch would never close by itself
+    )
+    worker.offer("reviews", "early", "before start", None, "fresh", 0.9, "v1")
+    worker.start()
+    offer_reviews(worker, [f"pending {i}" for i in range(5)])
+    worker.offer("other-task", "x", "text", None, "fresh", 0.9, "v1")
+    assert worker.stop(timeout_s=30)
+    worker.offer("reviews", "late", "after stop", None, "fresh", 0.9, "v1")
+    stats = worker.stats.snapshot()
+    assert stats["compared"] == 5
+    assert stats["unknown_task"] == 1
+    assert stats["dropped_not_running"] == 2
+    assert store.count_comparisons("reviews") == 5
+
+
+def test_segment_counts_are_seeded_from_the_store(tmp_path: Path, store: SqliteStore) -> None:
+    # base rate 0: only segments below min_per_segment are sampled.
+    policy = load(tmp_path, rate=0.0, min_per_segment=3)
+    store.add_comparisons(
+        [
+            StoredComparison(
+                task="reviews",
+                request_id=f"old{i}",
+                segment={"kind": "review", "length": "<64"},
+                input_text="an older review",
+                student_output="fresh",
+                student_confidence=0.9,
+                model_version="v1",
+                teacher_output="fresh",
+                teacher_confidence=0.9,
+                teacher_probabilities=None,
+                score=1.0,
+                schema_valid=True,
+            )
+            for i in range(3)
+        ]
+    )
+    worker = ShadowWorker(
+        [ShadowTask.from_policy(policy, FakeTeacher())], store, teacher_batch_size=1
+    )
+    worker.start()
+    try:
+        offer_reviews(worker, ["a short review"], kind="review")  # both segments full
+        assert worker.wait_idle(30)
+        assert worker.stats.snapshot()["sampled"] == 0
+        offer_reviews(worker, ["a short plot"], kind="plot")  # kind=plot has none yet
+        assert worker.wait_idle(30)
+    finally:
+        assert worker.stop()
+    assert worker.stats.snapshot()["sampled"] == 1
+    assert store.last_comparisons("reviews", 1)[0].segment == {"kind": "plot", "length": "<64"}
+
+
+def test_task_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        ShadowTask(task="t", kind="summaries", sampling=SamplingConfig(), teacher=None)
+    with pytest.raises(ValueError, match="schema"):
+        ShadowTask(task="t", kind="generation", sampling=SamplingConfig(), teacher=None)
