@@ -25,6 +25,7 @@ from distilld.alerts import AlertSink
 from distilld.errors import ConfigError
 from distilld.log import alert, get_logger
 from distilld.modelpaths import resolve_model_dir
+from distilld.monitoring.config import MonitorsConfig
 from distilld.monitoring.features import REFERENCE_FILE, Reference, load_reference
 from distilld.monitoring.measure import CheckOutcome, run_check
 from distilld.policy.model import Architecture, Policy, TaskKind, VllmPolicy
@@ -199,19 +200,29 @@ def drift_reference(model_dir: Path | None) -> Reference | None:
     return load_reference(path)
 
 
+def active_monitors(policy: Policy) -> MonitorsConfig:
+    """The policy's monitors, less accuracy when there is no teacher to compare with
+    (it could never reach a verdict; drift needs no teacher)."""
+    monitors = policy.monitors
+    if policy.teacher is None and monitors.accuracy.enabled:
+        accuracy = monitors.accuracy.model_copy(update={"enabled": False})
+        monitors = monitors.model_copy(update={"accuracy": accuracy})
+    return monitors
+
+
 def check_task(
     policy: Policy,
     store: SqliteStore,
     sink: AlertSink,
     reports_dir: Path,
     reference: Reference | None,
-    model_version: Callable[[], str],
+    model_version: Callable[[], str | None],
 ) -> CheckOutcome:
     """One monitoring check of a task: measure, evaluate, alert (once per breach)."""
     outcome = run_check(
         policy.task,
         kind=policy.kind.value,
-        monitors=policy.monitors,
+        monitors=active_monitors(policy),
         store=store,
         reference=reference,
         reports_dir=reports_dir if policy.monitors.save_reports else None,
@@ -225,6 +236,48 @@ def check_task(
         report_dir=str(outcome.report_dir) if outcome.report_dir else None,
     )
     return outcome
+
+
+def check_once(
+    settings: Settings, policies: dict[str, Policy], tasks: list[str] | None = None
+) -> list[CheckOutcome]:
+    """``distilld check``: one check of each task now, on the daemon's store.
+
+    Alerts are logged and stored (once per breach: the state is shared with the
+    daemon through the store); they are not produced to the alerts topic. The
+    live version is the one that answered the newest request."""
+    unknown = sorted(set(tasks or []) - set(policies))
+    if unknown:
+        raise ConfigError(
+            f"no policy for task(s) {unknown}; the policies directory defines {sorted(policies)}"
+        )
+    if not settings.store_path.is_file():
+        raise ConfigError(
+            f"no sample store at {settings.store_path}: the daemon has not run with "
+            f"DISTILLD_STATE_DIR={settings.state_dir} yet (set it to the daemon's state directory)"
+        )
+    store = SqliteStore(settings.store_path)
+    try:
+        outcomes = []
+        for task in tasks or sorted(policies):
+            policy = policies[task]
+            newest = store.reservoir(task, limit=1)
+            version = newest[0].model_version if newest else None
+            reference = drift_reference(_local_model_dir(policy, settings, must_exist=False))
+            sink = AlertSink(store, tasks=[task])
+            outcomes.append(
+                check_task(
+                    policy,
+                    store,
+                    sink,
+                    settings.reports_dir,
+                    reference,
+                    functools.partial(_same, version),
+                )
+            )
+        return outcomes
+    finally:
+        store.close()
 
 
 def start_monitoring(
@@ -250,7 +303,8 @@ def start_monitoring(
         shadow_tasks.append(ShadowTask.from_policy(policy, teacher, vocabulary=vocabulary))
         topic = policy.alerts.topic
         sinks[task] = AlertSink(store, send=send if topic else None, topic=topic, tasks=[task])
-        if policy.monitors.accuracy.enabled or policy.monitors.drift.enabled:
+        monitors = active_monitors(policy)
+        if monitors.accuracy.enabled or monitors.drift.enabled:
             check = functools.partial(
                 check_task,
                 policy,
@@ -272,17 +326,26 @@ def start_monitoring(
     return Monitoring(store=store, shadow=shadow, scheduler=scheduler, sinks=sinks)
 
 
+def _same(value: str | None) -> str | None:
+    return value
+
+
 def _version_of(backend: StudentBackend) -> Callable[[], str]:
     # Read at each check: a promotion changes the live version.
     return lambda: backend.model_version
 
 
-def _local_model_dir(policy: Policy, settings: Settings) -> Path | None:
+def _local_model_dir(policy: Policy, settings: Settings, must_exist: bool = True) -> Path | None:
     """The student's model directory when the daemon can read it (not an external server)."""
     options = policy.student.vllm
     if policy.student.backend == "vllm" and options is not None and options.base_url:
         return None
-    return resolve_model_dir(settings.models_dir, policy.student.model)
+    try:
+        return resolve_model_dir(settings.models_dir, policy.student.model)
+    except ConfigError:
+        if must_exist:
+            raise
+        return None
 
 
 @contextmanager

@@ -42,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     policy_commands.add_parser("schema", help="print the policy JSON Schema (editor completion)")
 
+    check = commands.add_parser(
+        "check",
+        help="run the monitoring checks now (accuracy, drift) on the daemon's records",
+    )
+    check.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to check (default: all)")
+    check.add_argument("--policies", type=Path, help="policies directory (DISTILLD_POLICIES_DIR)")
+
+    status = commands.add_parser(
+        "status",
+        help="per task: live version, traffic, comparisons, agreement, drift, last alerts",
+    )
+    status.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to show (default: all)")
+    status.add_argument("--policies", type=Path, help="policies directory (DISTILLD_POLICIES_DIR)")
+    status.add_argument("--json", action="store_true", help="one JSON object per task")
+
     demo = commands.add_parser(
         "demo",
         help="quick start: embedded broker, Rotten Tomatoes replayed through the daemon, summary",
@@ -99,11 +114,67 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
         return 0
+    if args.command == "check":
+        return _check(args, settings)
+    if args.command == "status":
+        return _status(args, settings)
     if args.command == "demo":
         from distilld.demo.run import run_demo
 
         return run_demo(settings, limit=args.limit, rate=args.rate, timeout_s=args.timeout)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _check(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 when every verdict is ok or has too little data, 3 when something is breached."""
+    from distilld.app import check_once
+    from distilld.policy.load import load_policies
+
+    policies = load_policies(args.policies or settings.policies_dir)
+    outcomes = check_once(settings, policies, list(args.tasks) or None)
+    breached = False
+    for outcome in outcomes:
+        for verdict in outcome.verdicts:
+            breached |= verdict.status.value == "breach"
+            value = "-" if verdict.value is None else f"{verdict.value:.3f}"
+            print(
+                f"{outcome.task}: {verdict.metric} {verdict.segment}: "
+                f"{verdict.status.value} (value {value}, threshold {verdict.threshold})"
+            )
+        if outcome.drift_note:
+            print(f"{outcome.task}: drift: {outcome.drift_note}")
+        if outcome.report_dir is not None:
+            print(f"{outcome.task}: report {outcome.report_dir}")
+    return 3 if breached else 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    from distilld.policy.load import load_policies
+    from distilld.status import format_status, task_status
+    from distilld.store.sqlite import SqliteStore
+
+    policies = load_policies(args.policies or settings.policies_dir)
+    unknown = sorted(set(args.tasks) - set(policies))
+    if unknown:
+        raise ConfigError(f"no policy for task(s) {unknown}; known tasks: {sorted(policies)}")
+    if not settings.store_path.is_file():
+        raise ConfigError(
+            f"no sample store at {settings.store_path}: the daemon has not run with "
+            f"DISTILLD_STATE_DIR={settings.state_dir} yet (set it to the daemon's state directory)"
+        )
+    store = SqliteStore(settings.store_path)
+    try:
+        for task in args.tasks or sorted(policies):
+            status = task_status(policies[task], store)
+            if args.json:
+                print(json.dumps(dataclasses.asdict(status), default=str))
+            else:
+                print(format_status(status))
+    finally:
+        store.close()
+    return 0
 
 
 def _policy(args: argparse.Namespace) -> int:

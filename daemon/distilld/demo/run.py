@@ -15,10 +15,13 @@ from typing import Any
 
 from distilld.app import running_daemon
 from distilld.demo.data import LABELS, load_rows, malformed_lines, request_line, split_rows
-from distilld.demo.student import train_quickstart_student
+from distilld.demo.student import save_drift_reference, train_quickstart_student
 from distilld.errors import ConfigError, DistilldError
 from distilld.log import get_logger
 from distilld.modelpaths import resolve_model_dir
+from distilld.monitoring.features import REFERENCE_FILE
+from distilld.monitoring.measure import CheckOutcome
+from distilld.policy.evaluate import DRIFT_METRIC
 from distilld.policy.load import load_policy
 from distilld.settings import Settings
 from distilld.traffic.replay import read_topic, replay
@@ -52,6 +55,8 @@ def run_demo(settings: Settings, *, limit: int, rate: float, timeout_s: float) -
         )
         train_quickstart_student(model_dir, split.train, policy.labels)
     resolve_model_dir(settings.models_dir, policy.student.model)
+    if not (model_dir / REFERENCE_FILE).is_file():  # a student cached by an older version
+        save_drift_reference(model_dir, [row.text for row in split.train])
 
     bad = malformed_lines(policy.task, policy.traffic.max_input_chars)
     lines = [request_line(row, policy.task) for row in split.traffic]
@@ -81,8 +86,20 @@ def run_demo(settings: Settings, *, limit: int, rate: float, timeout_s: float) -
             timeout_s=30,
         )
         loop_stats = daemon.stats()[0].snapshot()
+        # One monitoring check on what was served (it also runs every interval_s).
+        daemon.monitoring.shadow.wait_idle(30)
+        check = daemon.monitoring.scheduler.run_now(policy.task)
+        assert isinstance(check, CheckOutcome)  # the app's jobs return their outcome
+
+    drift = next((v for v in check.verdicts if v.metric == DRIFT_METRIC), None)
 
     summary = summarize(split.traffic, responses, dead, sent.sent, elapsed, loop_stats)
+    summary["drift_check"] = {
+        "status": drift.status.value if drift else "disabled",
+        "drift_share": drift.value if drift else None,
+        "threshold": drift.threshold if drift else None,
+        "report_dir": str(check.report_dir) if check.report_dir else None,
+    }
     out_dir = settings.state_dir / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -123,6 +140,16 @@ def summarize(
     }
 
 
+def _drift_line(drift: dict[str, Any]) -> str:
+    if drift["drift_share"] is None:
+        return str(drift["status"])
+    line = (
+        f"{drift['status']} (share of drifted features {drift['drift_share']:.2f}, "
+        f"alert at {drift['threshold']:.2f})"
+    )
+    return line + (f", report {drift['report_dir']}" if drift["report_dir"] else "")
+
+
 def render_summary(summary: dict[str, Any], path: Path) -> str:
     accuracy = summary["review_accuracy"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["dead_letter_reasons"].items()))
@@ -138,6 +165,7 @@ def render_summary(summary: dict[str, Any], path: Path) -> str:
         "  accuracy on reviews     "
         + (f"{accuracy * 100:.1f} % of {summary['reviews']}" if accuracy is not None else "n/a"),
         f"  plot summaries answered {summary['plot_summaries_answered']} (no gold label)",
+        f"  drift check             {_drift_line(summary['drift_check'])}",
         f"  summary file            {path}",
     ]
     return "\n".join(lines)

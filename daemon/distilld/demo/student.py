@@ -2,7 +2,8 @@
 
 Until the retraining pipeline produces students from teacher labels, the quick
 start needs some trained student; this is it. It is trained on reviews that
-are never replayed as traffic.
+are never replayed as traffic, and saved with the drift monitor's reference
+(its training inputs, described, with its own answers on them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from distilld import assets
 from distilld.demo.data import Row
 from distilld.log import get_logger
+from distilld.monitoring.features import REFERENCE_FILE, fit_reference, save_reference
 from distilld.serving.local import quiet_transformers
 
 
@@ -93,6 +95,41 @@ def train_quickstart_student(
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
+    save_drift_reference(partial, [text for text, _ in examples], max_tokens=max_tokens)
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
     return dest
+
+
+def save_drift_reference(
+    model_dir: Path, texts: list[str], *, max_tokens: int = 64, limit: int = 1000
+) -> Path:
+    """Describe the student's training inputs, with its own answers on them, as the
+    drift monitor's reference (``REFERENCE_FILE`` in the model directory)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, local_files_only=True, use_safetensors=True
+    ).eval()
+    sample = texts[:limit]
+    labels: list[str] = []
+    confidences: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(sample), 32):
+            encoded = tokenizer(
+                sample[start : start + 32],
+                padding=True,
+                truncation=True,
+                max_length=max_tokens,
+                return_tensors="pt",
+            )
+            probs = torch.softmax(model(**encoded).logits, dim=-1)
+            best = probs.max(dim=-1)
+            labels += [model.config.id2label[int(i)] for i in best.indices]
+            confidences += [float(v) for v in best.values]
+    path = model_dir / REFERENCE_FILE
+    save_reference(fit_reference(sample, predicted_labels=labels, confidences=confidences), path)
+    return path

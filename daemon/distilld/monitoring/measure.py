@@ -119,13 +119,8 @@ def run_check(
 
     accuracy = None
     if monitors.accuracy.enabled:
-        stored = store.last_comparisons(task, monitors.accuracy.window)
-        accuracy = measure_accuracy(
-            _comparisons(stored),
-            monitors.accuracy,
-            task=task,
-            metric=METRIC_BY_KIND[kind],
-            model_version=model_version,
+        accuracy = current_accuracy(
+            task, kind=kind, monitors=monitors, store=store, model_version=model_version
         )
 
     drift = None
@@ -156,6 +151,26 @@ def run_check(
 
 
 # --------------------------------------------------------------------------- accuracy
+
+
+def current_accuracy(
+    task: str,
+    *,
+    kind: str,
+    monitors: MonitorsConfig,
+    store: SampleStore,
+    model_version: str | None = None,
+) -> AccuracyMeasurement:
+    """The accuracy monitor's measurement over the stored comparisons, right now
+    (what a check would measure; ``distilld status`` shows it between checks)."""
+    stored = store.last_comparisons(task, monitors.accuracy.window)
+    return measure_accuracy(
+        _comparisons(stored),
+        monitors.accuracy,
+        task=task,
+        metric=METRIC_BY_KIND[kind],
+        model_version=model_version,
+    )
 
 
 def _comparisons(stored: list[StoredComparison]) -> list[Comparison]:
