@@ -94,3 +94,20 @@ class StoreError(DistilldError):
 
 class AssetError(DistilldError):
     """An offline asset (model or data set shipped in a PyPI wheel) is missing."""
+
+
+class RegistryError(DistilldError):
+    """The model registry cannot register, promote or roll back a version.
+
+    Raised by ``distilld.registry``: an unknown version, a state change the
+    registry does not allow (a second live version, retiring the live one), a
+    rollback with no previous live version, a lock held too long by another
+    process, or a registry directory that cannot be read or written.
+    """
+
+
+class TrainingError(DistilldError):
+    """A student could not be trained: bad examples or settings, a base model that
+    does not load, a failure or out-of-memory during training, or a model that
+    could not be saved. Raised by ``distilld.retrain.train``; nothing half-written
+    is left behind, and the live student keeps serving."""

@@ -205,14 +205,18 @@ def test_sigkill_mid_stream_loses_nothing_and_sigterm_drains(
 
     second = _start_daemon(served, broker, log)
     try:
-        responses = wait_for_ids(kafka, traffic.responses_topic, ids, timeout_s=300)
+        # Generous: on a loaded 2-core machine the rest of the stream takes minutes.
+        responses = wait_for_ids(kafka, traffic.responses_topic, ids, timeout_s=600)
         second.send_signal(signal.SIGTERM)
         exit_code = second.wait(timeout=60)
     finally:
         if second.poll() is None:
             second.kill()
     counts = ids_answered(responses)
-    assert ids <= set(counts), f"unanswered: {sorted(ids - set(counts))[:10]}"
+    assert ids <= set(counts), (
+        f"{len(ids - set(counts))} unanswered, e.g. {sorted(ids - set(counts))[:5]}; "
+        f"daemon log tail:\n{log.read_text()[-3000:]}"
+    )
     duplicates = sum(counts.values()) - len(counts)
     print(f"SIGKILL after {len(answered_before_kill)} answers: {duplicates} duplicates")
     # Re-delivered after the kill: what was answered but not yet committed.
