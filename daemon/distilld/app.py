@@ -238,6 +238,16 @@ def check_task(
     return outcome
 
 
+def existing_store(settings: Settings) -> SqliteStore:
+    """The store a daemon wrote (for `check` and `status`), never a new empty one."""
+    if not settings.store_path.is_file():
+        raise ConfigError(
+            f"no sample store at {settings.store_path}: the daemon has not run with "
+            f"DISTILLD_STATE_DIR={settings.state_dir} yet (set it to the daemon's state directory)"
+        )
+    return SqliteStore(settings.store_path)
+
+
 def check_once(
     settings: Settings, policies: dict[str, Policy], tasks: list[str] | None = None
 ) -> list[CheckOutcome]:
@@ -251,12 +261,7 @@ def check_once(
         raise ConfigError(
             f"no policy for task(s) {unknown}; the policies directory defines {sorted(policies)}"
         )
-    if not settings.store_path.is_file():
-        raise ConfigError(
-            f"no sample store at {settings.store_path}: the daemon has not run with "
-            f"DISTILLD_STATE_DIR={settings.state_dir} yet (set it to the daemon's state directory)"
-        )
-    store = SqliteStore(settings.store_path)
+    store = existing_store(settings)
     try:
         outcomes = []
         for task in tasks or sorted(policies):

@@ -151,20 +151,15 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
 
+    from distilld.app import existing_store
     from distilld.policy.load import load_policies
     from distilld.status import format_status, task_status
-    from distilld.store.sqlite import SqliteStore
 
     policies = load_policies(args.policies or settings.policies_dir)
     unknown = sorted(set(args.tasks) - set(policies))
     if unknown:
         raise ConfigError(f"no policy for task(s) {unknown}; known tasks: {sorted(policies)}")
-    if not settings.store_path.is_file():
-        raise ConfigError(
-            f"no sample store at {settings.store_path}: the daemon has not run with "
-            f"DISTILLD_STATE_DIR={settings.state_dir} yet (set it to the daemon's state directory)"
-        )
-    store = SqliteStore(settings.store_path)
+    store = existing_store(settings)
     try:
         for task in args.tasks or sorted(policies):
             status = task_status(policies[task], store)

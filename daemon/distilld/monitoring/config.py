@@ -16,7 +16,9 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from distilld.policy.common import StrictModel, check_segment_keys
 
 # The per-input descriptors computed by monitoring/features.py. "embedding"
 # stands for all the columns of the low-dimensional embedding projection.
@@ -82,26 +84,6 @@ CATEGORICAL_STATTESTS = frozenset(
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_segment_keys(value: list[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    if not value:
-        raise ValueError("must name at least one key, or be left out to use every key")
-    bad = [key for key in value if not key or "=" in key or key != key.strip()]
-    if bad:
-        raise ValueError(
-            f"segment keys must be non-empty, without '=' or surrounding spaces (received {bad})"
-        )
-    repeated = sorted({key for key in value if value.count(key) > 1})
-    if repeated:
-        raise ValueError(f"segment keys must be distinct (repeated: {repeated})")
-    return value
-
-
 def _check_stattest(name: str, allowed: frozenset[str], kind: str) -> str:
     if name not in allowed:
         raise ValueError(
@@ -111,7 +93,7 @@ def _check_stattest(name: str, allowed: frozenset[str], kind: str) -> str:
     return name
 
 
-class SegmentAccuracyConfig(_Strict):
+class SegmentAccuracyConfig(StrictModel):
     """Accuracy per segment: a student that is fine overall can fail one segment."""
 
     enabled: bool = Field(default=True, description="Also measure each segment on its own.")
@@ -126,10 +108,10 @@ class SegmentAccuracyConfig(_Strict):
         "With sampling.segment_keys set, each key must be one of them or length.",
     )
 
-    _keys = field_validator("keys")(_check_segment_keys)
+    _keys = field_validator("keys")(check_segment_keys)
 
 
-class AccuracyMonitorConfig(_Strict):
+class AccuracyMonitorConfig(StrictModel):
     """Student-vs-teacher agreement (or the task metric) over the last comparisons.
 
     Comparisons come from the teacher: a policy without a ``teacher`` section
@@ -177,7 +159,7 @@ class AccuracyMonitorConfig(_Strict):
         return self
 
 
-class DriftMonitorConfig(_Strict):
+class DriftMonitorConfig(StrictModel):
     """Input drift with Evidently: recent traffic against the student's training inputs."""
 
     enabled: bool = True
@@ -282,7 +264,7 @@ class DriftMonitorConfig(_Strict):
         return self
 
 
-class MonitorsConfig(_Strict):
+class MonitorsConfig(StrictModel):
     """The `monitors` section: when checks run and what they measure.
 
     Drift needs no teacher (it compares recent inputs with the student's
@@ -301,7 +283,7 @@ class MonitorsConfig(_Strict):
     drift: DriftMonitorConfig = DriftMonitorConfig()
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(StrictModel):
     """The `sampling` section: which requests are also sent to the teacher.
 
     Only meaningful with a ``teacher`` section: without a teacher no request
@@ -354,7 +336,7 @@ class SamplingConfig(_Strict):
 
     @field_validator("segment_keys")
     def _segment_keys(cls, value: list[str] | None) -> list[str] | None:
-        value = _check_segment_keys(value)
+        value = check_segment_keys(value)
         if value is not None and LENGTH_SEGMENT_KEY in value:
             raise ValueError(
                 f"{LENGTH_SEGMENT_KEY!r} is the length bucket, always a segment (a metadata key "

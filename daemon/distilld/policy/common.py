@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from pydantic import BaseModel, ConfigDict
+
 INPUT_PLACEHOLDER = "{input}"
 
 
@@ -35,3 +37,26 @@ class Architecture(StrEnum):
 
     sequence_classification = "sequence-classification"
     causal_lm = "causal-lm"
+
+
+class StrictModel(BaseModel):
+    """Base of every policy section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_segment_keys(value: list[str] | None) -> list[str] | None:
+    """Validate a list of segment keys (None: every key); pydantic field validator."""
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must name at least one key, or be left out to use every key")
+    bad = [key for key in value if not key or "=" in key or key != key.strip()]
+    if bad:
+        raise ValueError(
+            f"segment keys must be non-empty, without '=' or surrounding spaces (received {bad})"
+        )
+    repeated = sorted({key for key in value if value.count(key) > 1})
+    if repeated:
+        raise ValueError(f"segment keys must be distinct (repeated: {repeated})")
+    return value

@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from distilld.policy.common import StrictModel, check_segment_keys
 
 __all__ = [
     "DEFAULT_CRON",
@@ -105,30 +107,10 @@ def default_metric(kind: str) -> GateMetric:
         ) from None
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_segment_keys(value: list[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    if not value:
-        raise ValueError("must name at least one key, or be left out to use every key")
-    bad = [key for key in value if not key or "=" in key or key != key.strip()]
-    if bad:
-        raise ValueError(
-            f"segment keys must be non-empty, without '=' or surrounding spaces (received {bad})"
-        )
-    repeated = sorted({key for key in value if value.count(key) > 1})
-    if repeated:
-        raise ValueError(f"segment keys must be distinct (repeated: {repeated})")
-    return value
-
-
 # --------------------------------------------------------------------------- triggers
 
 
-class BreachTriggerConfig(_Strict):
+class BreachTriggerConfig(StrictModel):
     """Retrain when a monitor reports a breach (accuracy below threshold, drift)."""
 
     enabled: bool = Field(default=True, description="Start a retraining on a policy breach.")
@@ -140,7 +122,7 @@ class BreachTriggerConfig(_Strict):
     )
 
 
-class ScheduleTriggerConfig(_Strict):
+class ScheduleTriggerConfig(StrictModel):
     """Retrain periodically, breach or not: a baseline against slow decay."""
 
     enabled: bool = Field(default=True, description="Retrain on the cron schedule.")
@@ -168,7 +150,7 @@ class ScheduleTriggerConfig(_Strict):
         return " ".join(fields)
 
 
-class ManualTriggerConfig(_Strict):
+class ManualTriggerConfig(StrictModel):
     """``distilld retrain TASK`` by hand."""
 
     enabled: bool = Field(
@@ -176,7 +158,7 @@ class ManualTriggerConfig(_Strict):
     )
 
 
-class TriggersConfig(_Strict):
+class TriggersConfig(StrictModel):
     """What starts a retraining of the task."""
 
     on_breach: BreachTriggerConfig = Field(
@@ -193,7 +175,7 @@ class TriggersConfig(_Strict):
 # --------------------------------------------------------------------------- data
 
 
-class DataSizeConfig(_Strict):
+class DataSizeConfig(StrictModel):
     """How many teacher-labelled examples a retraining uses, before filtering.
 
     Unset bounds take the defaults of the task kind (:data:`DEFAULT_SIZES`). A
@@ -253,7 +235,7 @@ class DataSizeConfig(_Strict):
         return min(high, max(current + 1, math.ceil(current * self.growth_factor)))
 
 
-class FilterConfig(_Strict):
+class FilterConfig(StrictModel):
     """Which teacher answers are not trained on."""
 
     min_teacher_confidence: float = Field(
@@ -273,7 +255,7 @@ class FilterConfig(_Strict):
     )
 
 
-class SelectionConfig(_Strict):
+class SelectionConfig(StrictModel):
     """How the inputs to label are chosen among the candidates.
 
     Candidates are deduplicated (exact, then near duplicates), grouped in
@@ -338,10 +320,10 @@ class SelectionConfig(_Strict):
         "segments.",
     )
 
-    _keys = field_validator("segment_keys")(_check_segment_keys)
+    _keys = field_validator("segment_keys")(check_segment_keys)
 
 
-class SplitConfig(_Strict):
+class SplitConfig(StrictModel):
     """Fractions of the filtered examples in each split; the test set is never trained on."""
 
     train: float = Field(default=0.8, gt=0.0, lt=1.0, description="Share trained on.")
@@ -372,7 +354,7 @@ class SplitConfig(_Strict):
 # --------------------------------------------------------------------------- judging
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictModel):
     """The validation gate on the held-out test set.
 
     Gold is the teacher's answers unless a gold set exists. Without one the
@@ -430,7 +412,7 @@ class GateConfig(_Strict):
         description="Metadata segment keys analysed. Unset: every key of the test examples.",
     )
 
-    _keys = field_validator("segment_keys")(_check_segment_keys)
+    _keys = field_validator("segment_keys")(check_segment_keys)
 
     @field_validator("segment_margins")
     def _margins_in_range(cls, value: dict[str, float]) -> dict[str, float]:
@@ -450,7 +432,7 @@ class GateConfig(_Strict):
         return self.segment_margins.get(key, self.segment_margin)
 
 
-class ShadowConfig(_Strict):
+class ShadowConfig(StrictModel):
     """The candidate answers live traffic beside the live student before promotion."""
 
     share: float = Field(
@@ -479,7 +461,7 @@ class ShadowConfig(_Strict):
     )
 
 
-class RegistryConfig(_Strict):
+class RegistryConfig(StrictModel):
     """The on-disk model registry of the task."""
 
     keep_last: int = Field(
@@ -491,7 +473,7 @@ class RegistryConfig(_Strict):
     )
 
 
-class RollbackConfig(_Strict):
+class RollbackConfig(StrictModel):
     """After a promotion: roll back automatically if the new version does worse."""
 
     enabled: bool = Field(default=True, description="Roll back automatically.")
@@ -518,7 +500,7 @@ class RollbackConfig(_Strict):
 # --------------------------------------------------------------------------- the section
 
 
-class RetrainingConfig(_Strict):
+class RetrainingConfig(StrictModel):
     """The ``retraining`` section, except the training method."""
 
     enabled: bool = Field(default=True, description="Retrain this task at all.")

@@ -117,14 +117,7 @@ class VllmDeployment:
         try:
             server.start(wait=True)
         except DistilldError as exc:  # the watchdog keeps trying; requests stay held
-            alert(
-                self._log,
-                "vllm.restart_failed",
-                severity="critical",
-                task=self.task,
-                error=str(exc),
-                action="the watchdog will try again",
-            )
+            self._restart_failed(exc)
         self.student.release()
 
     def watch(self, stop: threading.Event) -> None:
@@ -150,16 +143,19 @@ class VllmDeployment:
                 try:
                     server.restart(wait=True)
                 except DistilldError as exc:
-                    alert(
-                        self._log,
-                        "vllm.restart_failed",
-                        severity="critical",
-                        task=self.task,
-                        error=str(exc),
-                        action="will try again",
-                    )
+                    self._restart_failed(exc)
                     continue
             self._log.info("vllm.server_restarted", task=self.task, base_url=server.base_url)
+
+    def _restart_failed(self, exc: DistilldError) -> None:
+        alert(
+            self._log,
+            "vllm.restart_failed",
+            severity="critical",
+            task=self.task,
+            error=str(exc),
+            action="the watchdog tries again; requests are held meanwhile",
+        )
 
     def close(self) -> None:
         """Close the client and stop the managed server (if any)."""
