@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from distilld.demo.data import LABELS, Row, load_rows
+from distilld.demo.student import train_quickstart_student
 from distilld.modelfiles import minilm_classifier_from_asset, smollm2_from_asset
 
 # Tests never reach a model hub; fail fast instead of waiting on the network.
@@ -78,3 +81,62 @@ def minilm_sentiment_dir() -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as plain bfloat16 safetensors + tokenizer."""
     return cached_smollm2()
+
+
+# The trained sentiment classifier: MiniLM fine-tuned once on gold Rotten Tomatoes
+# labels with the quick-start trainer, small enough to build in a few minutes on
+# two cores (one epoch over 640 short reviews). Tests use it as a capable teacher
+# or a trained student; they must never replay its training rows as traffic.
+TRAINED_SENTIMENT_EXAMPLES = 640
+TRAINED_SENTIMENT_MAX_CHARS = 120  # short reviews: fewer tokens, a faster build
+_TRAINED_SENTIMENT_SEED = 11
+_TRAINED_SENTIMENT_EPOCHS = 1
+_TRAINED_SENTIMENT_MAX_TOKENS = 64
+_TRAINED_SENTIMENT_BATCH = 16
+_TRAINED_SENTIMENT_LEARNING_RATE = 3e-4  # few steps: a high rate gets further
+
+
+def sentiment_training_rows() -> list[Row]:
+    """The gold-labelled short reviews the trained sentiment classifier learns from."""
+    reviews = [r for r in load_rows() if r.label is not None and r.text.strip()]
+    random.Random(_TRAINED_SENTIMENT_SEED).shuffle(reviews)
+    short = [r for r in reviews if len(r.text) <= TRAINED_SENTIMENT_MAX_CHARS]
+    return short[:TRAINED_SENTIMENT_EXAMPLES]
+
+
+def cached_trained_sentiment_classifier() -> Path:
+    """MiniLM fine-tuned on :func:`sentiment_training_rows` (built on first use, cached)."""
+    settings = [
+        TRAINED_SENTIMENT_EXAMPLES,
+        TRAINED_SENTIMENT_MAX_CHARS,
+        _TRAINED_SENTIMENT_SEED,
+        _TRAINED_SENTIMENT_EPOCHS,
+        _TRAINED_SENTIMENT_MAX_TOKENS,
+        _TRAINED_SENTIMENT_BATCH,
+        _TRAINED_SENTIMENT_LEARNING_RATE,
+    ]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+
+    def build(dest: Path) -> Path:
+        return train_quickstart_student(
+            dest,
+            sentiment_training_rows(),
+            list(LABELS),
+            epochs=_TRAINED_SENTIMENT_EPOCHS,
+            max_tokens=_TRAINED_SENTIMENT_MAX_TOKENS,
+            batch_size=_TRAINED_SENTIMENT_BATCH,
+            learning_rate=_TRAINED_SENTIMENT_LEARNING_RATE,
+            seed=0,
+        )
+
+    return _build_once(model_cache_dir() / f"minilm-rt-gold-{_FORMAT}-{key}", build)
+
+
+@pytest.fixture(scope="session")
+def trained_sentiment_dir() -> Path:
+    """MiniLM fine-tuned on 640 gold-labelled short reviews (fresh / rotten), cached.
+
+    About 73 % accurate on held-out reviews (chance: 58 %, the share of fresh).
+    Its training rows are :func:`sentiment_training_rows`.
+    """
+    return cached_trained_sentiment_classifier()
