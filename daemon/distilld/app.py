@@ -22,7 +22,7 @@ from types import FrameType
 from kafka import KafkaProducer
 
 from distilld.alerts import AlertSink
-from distilld.errors import ConfigError
+from distilld.errors import ConfigError, MonitoringError
 from distilld.log import alert, get_logger
 from distilld.modelpaths import resolve_model_dir
 from distilld.monitoring.config import MonitorsConfig
@@ -197,7 +197,18 @@ def drift_reference(model_dir: Path | None) -> Reference | None:
             action="drift is measured against the earliest traffic in the reservoir",
         )
         return None
-    return load_reference(path)
+    try:
+        return load_reference(path)
+    except MonitoringError as exc:  # serving matters more than one monitor's reference
+        alert(
+            get_logger("monitoring"),
+            "monitoring.reference_unreadable",
+            severity="error",
+            path=str(path),
+            error=str(exc),
+            action="serving anyway; drift is measured against the earliest traffic instead",
+        )
+        return None
 
 
 def active_monitors(policy: Policy) -> MonitorsConfig:
