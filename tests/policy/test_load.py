@@ -976,3 +976,12 @@ def test_json_schema_accepts_the_shipped_policies_and_refuses_typos() -> None:
         assert not list(validator.iter_errors(data)), path.name
 
     assert list(validator.iter_errors(_changed(CLASSIFICATION, {"lables": ["a", "b"]})))
+
+
+@pytest.mark.parametrize("name", ["rotten-tomatoes.yaml", "us-address.yaml"])
+def test_a_loaded_policy_survives_a_dump_and_reload(name: str) -> None:
+    # Code builds variants of a policy this way (tests, the retraining job): the
+    # defaults a dump writes out must not be refused when read back.
+    policy = load_policy(REPO_ROOT / "policies" / name)
+    assert Policy.model_validate(policy.model_dump()) == policy
+    assert Policy.model_validate_json(policy.model_dump_json()) == policy

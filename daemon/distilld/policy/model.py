@@ -322,7 +322,9 @@ class Policy(_Strict):
     def _teacher_fits_the_task(self) -> Policy:
         teacher = self.teacher
         if teacher is None:
-            if "sampling" in self.model_fields_set:
+            # A sampling section that says something (not the defaults, which a
+            # dumped-and-reloaded policy carries) would be silently ignored.
+            if "sampling" in self.model_fields_set and self.sampling != SamplingConfig():
                 raise PolicyFieldError(
                     "sampling",
                     "the sampling section chooses the requests sent to the teacher, and this "
