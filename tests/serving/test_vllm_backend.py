@@ -219,10 +219,12 @@ def test_extraction_with_a_json_schema_through_kafka(
     # The shipped extraction example, served by the shared vLLM server.
     text = (REPO / "policies" / "us-address.yaml").read_text()
     task = unique("address")
+    # Only the student's backend line (the first; later ones are in comments).
     text = text.replace("us-address", task).replace(
-        "backend: transformers",
-        f"backend: vllm\n  vllm: {{base_url: {vllm_server.base_url}, "
+        "\n  backend: transformers",
+        f"\n  backend: vllm\n  vllm: {{base_url: {vllm_server.base_url}, "
         f"served_model_name: {SMOLLM2_SERVED_NAME}}}",
+        1,
     )
     path = tmp_path / f"{task}.yaml"
     path.write_text(text)
