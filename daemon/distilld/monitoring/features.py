@@ -38,23 +38,15 @@ import pandas as pd
 
 # MonitoringError is defined in distilld.errors and re-exported here.
 from distilld.errors import MonitoringError as MonitoringError
+from distilld.monitoring.config import DESCRIPTOR_FEATURES
 
 FloatArray = npt.NDArray[np.float64]
 
 REFERENCE_FORMAT = "distilld-drift-reference"
 REFERENCE_VERSION = 1
 
-# Column names, in the order of the frame.
-DESCRIPTOR_COLUMNS = (
-    "char_length",
-    "word_count",
-    "mean_word_length",
-    "oov_share",
-    "digit_share",
-    "uppercase_share",
-    "punctuation_share",
-    "non_ascii_share",
-)
+# Column names, in the order of the frame: the descriptor names a policy may list.
+DESCRIPTOR_COLUMNS = DESCRIPTOR_FEATURES
 EMBEDDING_PREFIX = "embedding_"
 LABEL_COLUMN = "predicted_label"
 CONFIDENCE_COLUMN = "confidence"
