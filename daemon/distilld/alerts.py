@@ -149,6 +149,57 @@ class AlertSink:
             self._emit(event)
         return events
 
+    def decision(
+        self,
+        task: str,
+        name: str,
+        *,
+        severity: str,
+        action: str,
+        metric: str = "retraining",
+        value: float | None = None,
+        threshold: float | None = None,
+        **details: Any,
+    ) -> None:
+        """Log, store and send a decision of the daemon that is not a monitor verdict
+        (retraining started, gate failed, promoted, rolled back...)."""
+        alert(self._log, name, severity=severity, task=task, action=action, **details)
+        created_at = self._clock()
+        payload = {"event": name, "severity": severity, "action": action, **details}
+        try:
+            self._store.add_alert(
+                StoredAlert(
+                    task=task,
+                    kind=name,
+                    metric=metric,
+                    value=value,
+                    threshold=threshold,
+                    payload=json.loads(json.dumps(payload, default=str)),
+                    created_at=created_at,
+                )
+            )
+        except Exception as exc:
+            self._log.error(
+                "alerts.store_failed",
+                task=task,
+                alert_event=name,
+                error=f"{type(exc).__name__}: {exc}",
+                note="the alert was logged",
+            )
+        if self._send is not None and self._topic is not None:
+            record = {"task": task, **payload, "created_at": created_at}
+            try:
+                self._send(self._topic, json.dumps(record, default=str).encode("utf-8"))
+            except Exception as exc:
+                self._log.error(
+                    "alerts.produce_failed",
+                    task=task,
+                    alert_event=name,
+                    topic=self._topic,
+                    error=f"{type(exc).__name__}: {exc}",
+                    note="the alert was logged and stored",
+                )
+
     # -- internals ----------------------------------------------------------------
 
     def _state(self, task: str) -> AlertState:

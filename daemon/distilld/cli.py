@@ -57,6 +57,31 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--policies", type=Path, help="policies directory (DISTILLD_POLICIES_DIR)")
     status.add_argument("--json", action="store_true", help="one JSON object per task")
 
+    retrain = commands.add_parser(
+        "retrain",
+        help="ask the running daemon to retrain a task now (it picks the request up within "
+        "seconds; follow the alert log)",
+    )
+    retrain.add_argument("task", metavar="TASK")
+    retrain.add_argument("--policies", type=Path, help="policies directory (DISTILLD_POLICIES_DIR)")
+
+    versions = commands.add_parser("versions", help="a task's model versions in the registry")
+    versions.add_argument("task", metavar="TASK")
+    versions.add_argument("--json", action="store_true", help="one JSON manifest per line")
+
+    promote = commands.add_parser(
+        "promote",
+        help="make a registered version live (the running daemon switches to it within "
+        "seconds, without losing requests)",
+    )
+    promote.add_argument("task", metavar="TASK")
+    promote.add_argument("version", metavar="VERSION")
+
+    rollback = commands.add_parser(
+        "rollback", help="make the previous live version live again (the daemon follows)"
+    )
+    rollback.add_argument("task", metavar="TASK")
+
     demo = commands.add_parser(
         "demo",
         help="quick start: embedded broker, Rotten Tomatoes replayed through the daemon, summary",
@@ -118,6 +143,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _check(args, settings)
     if args.command == "status":
         return _status(args, settings)
+    if args.command in ("retrain", "versions", "promote", "rollback"):
+        return _registry_command(args, settings)
     if args.command == "demo":
         from distilld.demo.run import run_demo
 
@@ -169,6 +196,51 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
                 print(format_status(status))
     finally:
         store.close()
+    return 0
+
+
+def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
+    from distilld.registry import ModelRegistry
+
+    if args.command == "retrain":
+        from distilld.policy.load import load_policies
+        from distilld.retrain.manager import request_retraining
+
+        policies = load_policies(args.policies or settings.policies_dir)
+        policy = policies.get(args.task)
+        if policy is None:
+            raise ConfigError(f"no policy for task {args.task!r}; known tasks: {sorted(policies)}")
+        if policy.retraining is None or not policy.retraining.enabled:
+            raise ConfigError(
+                f"task {args.task!r} does not retrain: its policy has no enabled retraining section"
+            )
+        path = request_retraining(settings.requests_dir, args.task)
+        print(
+            f"retraining of {args.task!r} requested ({path}); the running daemon starts it "
+            "within seconds: follow its alert log (retrain.started, retrain.promoted ...)"
+        )
+        return 0
+    root = settings.registry_root / args.task
+    if not root.is_dir():
+        raise ConfigError(
+            f"no model registry for task {args.task!r} at {root}: the daemon has not run this "
+            f"task with retraining (DISTILLD_STATE_DIR={settings.state_dir}, "
+            f"DISTILLD_REGISTRY_DIR={settings.registry_dir})"
+        )
+    registry = ModelRegistry(root)
+    if args.command == "versions":
+        live = registry.live_version()
+        for manifest in registry.list():
+            if args.json:
+                print(json.dumps(manifest.to_dict(), default=str))
+            else:
+                marker = "*" if manifest.version == live else " "
+                summary = manifest.metrics.get("gate_summary", "")
+                print(f"{marker} {manifest.version:<24} {manifest.state:<12} {summary}")
+        return 0
+    promoting = args.command == "promote"
+    manifest = registry.promote(args.version) if promoting else registry.rollback()
+    print(f"{args.task}: {manifest.version} is live; the running daemon switches within seconds")
     return 0
 
 

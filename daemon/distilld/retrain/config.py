@@ -27,11 +27,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from distilld.policy.common import StrictModel, check_segment_keys
+from distilld.retrain.methods import TrainingConfig
 
 __all__ = [
     "DEFAULT_CRON",
     "DEFAULT_SIZES",
     "BreachTriggerConfig",
+    "ColdStartConfig",
     "DataSizeConfig",
     "FilterConfig",
     "GateConfig",
@@ -433,13 +435,24 @@ class GateConfig(StrictModel):
 
 
 class ShadowConfig(StrictModel):
-    """The candidate answers live traffic beside the live student before promotion."""
+    """The candidate answers live traffic beside the live student before promotion.
 
+    It answers a share of the requests the sampler sends to the teacher (only
+    those can be scored); its answers are stored as comparisons of its own
+    version and never go out.
+    """
+
+    enabled: bool = Field(
+        default=True,
+        description="Run a candidate that passed the gate in shadow before promoting it. "
+        "false: promote as soon as the gate passes.",
+    )
     share: float = Field(
         default=0.1,
         gt=0.0,
         le=1.0,
-        description="Share of live requests the candidate also answers (its answers never go out).",
+        description="Share of the teacher-compared requests the candidate also answers (its "
+        "answers never go out).",
     )
     min_comparisons: int = Field(
         default=500,
@@ -497,6 +510,23 @@ class RollbackConfig(StrictModel):
     )
 
 
+class ColdStartConfig(StrictModel):
+    """A task with no trained student yet (no ``student.model``, nothing live in the registry)."""
+
+    serve: Literal["teacher", "hold"] = Field(
+        default="teacher",
+        description="teacher: the teacher answers requests until the first student is "
+        "promoted (they also fill the traffic reservoir the first student is trained on); "
+        "hold: requests wait in Kafka, uncommitted (the first student is trained on "
+        "seed_files alone).",
+    )
+    retry_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="Seconds between attempts while there are too few inputs to train on.",
+    )
+
+
 # --------------------------------------------------------------------------- the section
 
 
@@ -504,6 +534,21 @@ class RetrainingConfig(StrictModel):
     """The ``retraining`` section, except the training method."""
 
     enabled: bool = Field(default=True, description="Retrain this task at all.")
+    base_model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Model directory every retraining starts from (absolute or relative to "
+        "DISTILLD_MODELS_DIR). Unset: student.model. Required when student.model is unset.",
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig,
+        description="The training method: direct fine-tuning, distribution matching, "
+        "curriculum, LoRA.",
+    )
+    cold_start: ColdStartConfig = Field(
+        default_factory=ColdStartConfig,
+        description="How requests are answered before the task's first student exists.",
+    )
     triggers: TriggersConfig = Field(
         default_factory=TriggersConfig, description="What starts a retraining."
     )
@@ -537,6 +582,12 @@ class RetrainingConfig(StrictModel):
     rollback: RollbackConfig = Field(
         default_factory=RollbackConfig, description="Automatic rollback after a promotion."
     )
+
+    @field_validator("base_model")
+    def _base_model_stays_inside(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value.replace("\\", "/").split("/"):
+            raise ValueError(f"must not contain '..' path parts (received {value!r})")
+        return value
 
     @field_validator("seed_files")
     def _seed_files(cls, value: list[str]) -> list[str]:

@@ -41,6 +41,7 @@ have their share.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import queue
 import random
@@ -48,13 +49,14 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
 from distilld.log import alert, get_logger
 from distilld.monitoring.config import SamplingConfig
 from distilld.monitoring.features import words
 from distilld.policy.model import Policy
+from distilld.serving.base import StudentBackend
 from distilld.shadow.compare import CompareError, OutputSchema, TaskKindName, compare
 from distilld.shadow.sampler import decide
 from distilld.store.base import AlertEvent, Output, SampleStore, StoredComparison, TrafficSample
@@ -136,7 +138,9 @@ class ShadowStats:
     ``dropped_backlog``: sampled requests dropped because batches waited for the
     teacher already; ``compared``: comparisons stored; ``teacher_errors``:
     unusable answers; ``compare_errors``: answers that could not be scored;
-    ``store_errors``: failed writes; ``dropped_on_stop``: left when stop() gave up.
+    ``store_errors``: failed writes; ``dropped_on_stop``: left when stop() gave up;
+    ``candidate_compared`` / ``candidate_errors``: answers of a candidate in shadow
+    stored / lost to its errors.
     """
 
     offered: int = 0
@@ -153,6 +157,8 @@ class ShadowStats:
     compare_errors: int = 0
     store_errors: int = 0
     dropped_on_stop: int = 0
+    candidate_compared: int = 0
+    candidate_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, count: int = 1) -> None:
@@ -162,6 +168,15 @@ class ShadowStats:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+
+
+def in_share(request_id: str, share: float) -> bool:
+    """Whether a request falls in the first ``share`` of the id space (stable across
+    restarts and replicas, unlike a random draw)."""
+    if share >= 1.0:
+        return True
+    digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
 
 
 @dataclass(frozen=True)
@@ -270,6 +285,8 @@ class ShadowWorker:
         self._outages: dict[str, _Outage] = {}
         self._bad_answers: set[str] = set()
         self._store_failing = False
+        # task -> (candidate backend, share of compared requests it answers)
+        self._candidates: dict[str, tuple[StudentBackend, float]] = {}
 
         # Offers taken but not yet fully handled (stored, compared or dropped).
         self._idle = threading.Condition()
@@ -280,6 +297,28 @@ class ShadowWorker:
         self._abandon = threading.Event()  # stop() ran out of time: drop what is left
         self._intake_done = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    # -- candidates in shadow -----------------------------------------------------
+
+    def set_candidate(self, task: str, backend: StudentBackend | None, share: float = 1.0) -> None:
+        """Let ``backend`` (a candidate version) answer ``share`` of the task's compared
+        requests beside the live student; None ends it. Its answers are scored against
+        the same teacher answers and stored under its own model version; they never go
+        out. The worker does not close the backend."""
+        if task not in self._tasks:
+            raise ValueError(f"no shadow task {task!r} (known: {sorted(self._tasks)})")
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"share must lie in (0, 1] (received {share})")
+        with self._lock:
+            if backend is None:
+                self._candidates.pop(task, None)
+            else:
+                self._candidates[task] = (backend, share)
+
+    def candidate_version(self, task: str) -> str | None:
+        with self._lock:
+            entry = self._candidates.get(task)
+        return entry[0].model_version if entry is not None else None
 
     # -- the serving side ---------------------------------------------------------
 
@@ -572,9 +611,59 @@ class ShadowWorker:
             return
         self._on_answered(task.task)
         self._store_comparisons(task, batch, answers)
+        with self._lock:
+            candidate = self._candidates.get(task.task)
+        if candidate is not None:
+            self._shadow_candidate(task, batch, answers, *candidate)
+
+    def _shadow_candidate(
+        self,
+        task: ShadowTask,
+        batch: list[_Sampled],
+        answers: list[TeacherAnswer],
+        backend: StudentBackend,
+        share: float,
+    ) -> None:
+        chosen = [
+            i
+            for i, s in enumerate(batch)
+            if answers[i].error is None and in_share(s.offer.request_id, share)
+        ]
+        if not chosen:
+            return
+        try:
+            predictions = backend.predict([batch[i].offer.text for i in chosen])
+        except Exception as exc:  # a broken candidate must not stop the comparisons
+            self.stats.add("candidate_errors", len(chosen))
+            self._log.warning(
+                "shadow.candidate_failed",
+                task=task.task,
+                candidate=backend.model_version,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return
+        version = backend.model_version
+        shadowed = [
+            _Sampled(
+                offer=replace(
+                    batch[i].offer,
+                    # An invalid JSON answer scores as an empty object.
+                    output=p.output if p.error is None or task.kind == "classification" else {},
+                    confidence=p.confidence,
+                    model_version=version,
+                ),
+                segment=batch[i].segment,
+            )
+            for i, p in zip(chosen, predictions, strict=True)
+        ]
+        self._store_comparisons(task, shadowed, [answers[i] for i in chosen], candidate=True)
 
     def _store_comparisons(
-        self, task: ShadowTask, batch: list[_Sampled], answers: list[TeacherAnswer]
+        self,
+        task: ShadowTask,
+        batch: list[_Sampled],
+        answers: list[TeacherAnswer],
+        candidate: bool = False,
     ) -> None:
         records: list[StoredComparison] = []
         unusable = 0
@@ -615,6 +704,10 @@ class ShadowWorker:
                     created_at=self._wall_clock(),
                 )
             )
+        if candidate:
+            if records and self._write("add_comparisons", records):
+                self.stats.add("candidate_compared", len(records))
+            return
         if unusable:
             self.stats.add("teacher_errors", unusable)
         self._note_answer_quality(task.task, unusable, len(batch))

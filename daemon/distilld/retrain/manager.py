@@ -1,0 +1,630 @@
+"""Runs retrainings and moves versions through shadow, promotion, watch and rollback.
+
+The registry on disk is the source of truth; this manager keeps the daemon in
+line with it, so that a crash at any point, or a ``distilld promote`` /
+``rollback`` / ``retrain`` from another process, is picked up by the next tick:
+
+* triggers: a monitor breach (:meth:`RetrainManager.after_check`, with the
+  policy's cooldown), the cron schedule, a request file left by ``distilld
+  retrain TASK``, and a cold start (no student yet). One retraining per task at
+  a time, in this process (a set) and across processes sharing the registry
+  (a lock file);
+* a registered candidate goes to shadow (state ``shadow`` in the registry): the
+  shadow worker lets it answer a share of the teacher-compared requests; each
+  tick judges the pairs (:func:`~distilld.retrain.decide.shadow_verdict`) and
+  promotes it or retires it;
+* the served version follows the registry's LIVE pointer (:meth:`_follow_live`):
+  promotion writes the pointer atomically first, then swaps the backend; a crash
+  in between is finished by the next start;
+* after a promotion the new version is watched
+  (:func:`~distilld.retrain.decide.rollback_verdict`) against the replaced
+  version's accuracy, from the registry's pointer and the stored comparisons
+  alone (nothing to lose in a crash); a worse version is rolled back.
+
+Every decision goes through the task's AlertSink (log, store, alerts topic);
+any failure leaves the live student serving and produces one alert with the
+reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
+    BackgroundScheduler,
+)
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+
+from distilld.alerts import AlertSink
+from distilld.errors import DistilldError
+from distilld.log import get_logger
+from distilld.policy.evaluate import Status
+from distilld.policy.model import Policy
+from distilld.registry import Manifest, ModelRegistry
+from distilld.retrain.config import RetrainingConfig
+from distilld.retrain.decide import Trigger, may_start, rollback_verdict, shadow_verdict
+from distilld.retrain.run import (
+    JobInputs,
+    JobResult,
+    minimum_inputs,
+    read_seed_inputs,
+    run_retraining,
+)
+from distilld.serving.base import StudentBackend
+from distilld.serving.swap import COLD_START_VERSION, NO_STUDENT_VERSION
+from distilld.shadow.worker import ShadowWorker
+from distilld.store.base import SampleStore, StoredComparison
+from distilld.teacher.base import Teacher
+
+__all__ = ["ModelSlot", "RetrainManager", "RetrainTask", "request_retraining"]
+
+STARTED = "retrain.started"
+COMPARISONS_READ = 50_000  # comparisons read to judge a shadow run or a promoted version
+
+
+class ModelSlot(Protocol):
+    """Where a task's live model is served; the manager switches it."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    def switch(self, model_dir: Path, version: str) -> None:
+        """Serve ``model_dir`` as ``version`` from the next batch on, without losing
+        requests; raise (and keep serving the old version) if it cannot."""
+        ...
+
+
+@dataclass
+class RetrainTask:
+    """One task the manager retrains, with the parts it needs."""
+
+    policy: Policy
+    config: RetrainingConfig
+    teacher: Teacher
+    registry: ModelRegistry
+    slot: ModelSlot
+    sink: AlertSink
+    base_model_dir: Path
+    seed_files: Sequence[Path] = ()
+    flags_file: Path | None = None
+    load_candidate: Callable[[Path, str], StudentBackend] | None = None
+    """Loads a candidate for the shadow run (in-process); None: no shadow possible."""
+
+    @property
+    def name(self) -> str:
+        return self.policy.task
+
+
+@dataclass
+class _State:
+    running: threading.Thread | None = None
+    last_started_at: float | None = None
+    next_cold_start_at: float = 0.0
+    candidate: StudentBackend | None = None
+    unservable: set[str] = field(default_factory=set)
+
+
+def request_retraining(requests_dir: Path, task: str) -> Path:
+    """Leave a retraining request for the running daemon (``distilld retrain TASK``)."""
+    requests_dir.mkdir(parents=True, exist_ok=True)
+    path = requests_dir / f"{task}.retrain"
+    tmp = requests_dir / f".{task}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(f"{time.time()}\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+class RetrainManager:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        tasks: Sequence[RetrainTask],
+        *,
+        store: SampleStore,
+        shadow: ShadowWorker | None,
+        requests_dir: Path,
+        work_dir: Path,
+        tick_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._tasks = {t.name: t for t in tasks}
+        self._store = store
+        self._shadow = shadow
+        self._requests_dir = requests_dir
+        self._work_dir = work_dir
+        self._tick_s = tick_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._states = {t.name: _State(last_started_at=self._last_start(t.name)) for t in tasks}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._log = get_logger("retrain")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        scheduler = BackgroundScheduler(timezone="UTC")
+        for task in self._tasks.values():
+            schedule = task.config.triggers.schedule
+            if task.config.enabled and schedule.enabled:
+                scheduler.add_job(
+                    self.request,
+                    CronTrigger.from_crontab(schedule.cron, timezone="UTC"),
+                    args=[task.name, "schedule"],
+                    id=f"retrain:{task.name}",
+                    max_instances=1,
+                    coalesce=True,
+                )
+        scheduler.start()
+        self._scheduler = scheduler
+        self._thread = threading.Thread(target=self._loop, name="retrain-manager", daemon=True)
+        self._thread.start()
+        self._log.info(
+            "retrain.manager_started",
+            tasks=sorted(self._tasks),
+            schedules={
+                t.name: t.config.triggers.schedule.cron
+                for t in self._tasks.values()
+                if t.config.triggers.schedule.enabled
+            },
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop triggering; a retraining in progress is abandoned (its daemon thread
+        dies with the process; nothing is registered half-way)."""
+        self._stop.set()
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+        for name, state in self._states.items():
+            if state.candidate is not None:
+                if self._shadow is not None:
+                    self._shadow.set_candidate(name, None)
+                state.candidate.close()
+                state.candidate = None
+
+    def running(self, task: str) -> bool:
+        with self._lock:
+            thread = self._states[task].running
+        return thread is not None and thread.is_alive()
+
+    def wait_idle(self, task: str, timeout_s: float) -> bool:
+        """Wait until no retraining of ``task`` runs (tests, the demo)."""
+        with self._lock:
+            thread = self._states[task].running
+        if thread is not None:
+            thread.join(timeout_s)
+        return not self.running(task)
+
+    # ------------------------------------------------------------------ triggers
+
+    def request(self, task: str, trigger: Trigger) -> bool:
+        """Start a retraining of ``task`` if the policy allows it now; True if started."""
+        spec = self._tasks.get(task)
+        if spec is None:
+            self._log.info("retrain.skipped", task=task, trigger=trigger, why="no retraining")
+            return False
+        now = self._clock()
+        with self._lock:
+            state = self._states[task]
+            alive = state.running is not None and state.running.is_alive()
+            decision = may_start(
+                trigger,
+                spec.config,
+                running=alive,
+                last_started_at=state.last_started_at,
+                now=now,
+            )
+            if not decision.start:
+                self._log.info("retrain.skipped", task=task, trigger=trigger, why=decision.why)
+                return False
+            state.last_started_at = now
+            thread = threading.Thread(
+                target=self._job, args=(spec, trigger), name=f"retrain-{task}", daemon=True
+            )
+            state.running = thread
+        thread.start()
+        return True
+
+    def after_check(self, task: str, verdicts: Sequence[object]) -> None:
+        """The monitor's hook: a breach verdict triggers a retraining (cooldown permitting)."""
+        breached = [v for v in verdicts if getattr(v, "status", None) is Status.breach]
+        if breached and task in self._tasks:
+            self.request(task, "breach")
+
+    # ------------------------------------------------------------------ the tick
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._tick_s):
+            self.tick()
+
+    def tick(self) -> None:
+        """Pick up requests, follow the LIVE pointer, cold starts, shadow runs, watches."""
+        for task in self._tasks.values():
+            try:
+                self._pick_up_request(task)
+                self._follow_live(task)
+                self._cold_start(task)
+                self._advance_shadow(task)
+                self._watch(task)
+            except Exception as exc:  # one task's trouble must not stop the others
+                self._log.error(
+                    "retrain.tick_failed", task=task.name, error=f"{type(exc).__name__}: {exc}"
+                )
+
+    def _pick_up_request(self, task: RetrainTask) -> None:
+        path = self._requests_dir / f"{task.name}.retrain"
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        started = self.request(task.name, "manual")
+        task.sink.decision(
+            task.name,
+            "retrain.requested",
+            severity="info",
+            trigger="manual",
+            started=started,
+            action="retraining started" if started else "not started (see retrain.skipped)",
+        )
+
+    def _cold_start(self, task: RetrainTask) -> None:
+        if task.slot.model_version not in (COLD_START_VERSION, NO_STUDENT_VERSION):
+            return
+        if task.registry.live_version() is not None or self.running(task.name):
+            return
+        state = self._states[task.name]
+        if self._clock() < state.next_cold_start_at:
+            return
+        state.next_cold_start_at = self._clock() + task.config.cold_start.retry_s
+        needed = minimum_inputs(task.config)
+        available = len(self._store.reservoir(task.name, limit=needed))
+        available += sum(len(read_seed_inputs(p)) for p in task.seed_files)
+        if available < needed:
+            self._log.info(
+                "retrain.cold_start_waiting",
+                task=task.name,
+                inputs=available,
+                needed=needed,
+                note="the first student is trained once enough traffic (or seed inputs) exists",
+            )
+            return
+        self.request(task.name, "cold_start")
+
+    # ------------------------------------------------------------------ the job
+
+    def _job(self, task: RetrainTask, trigger: Trigger) -> None:
+        work = self._work_dir / task.name / f"job-{uuid.uuid4().hex[:8]}"
+        try:
+            with _single_flight(task.registry.root) as acquired:
+                if not acquired:
+                    self._log.info(
+                        "retrain.skipped",
+                        task=task.name,
+                        trigger=trigger,
+                        why="another process is retraining this task (registry lock held)",
+                    )
+                    return
+                live = task.registry.live_version()
+                task.sink.decision(
+                    task.name,
+                    STARTED,
+                    severity="info",
+                    trigger=trigger,
+                    live_version=live,
+                    action="selecting inputs, labelling with the teacher, training",
+                )
+                job = JobInputs(
+                    policy=task.policy,
+                    config=task.config,
+                    teacher=task.teacher,
+                    store=self._store,
+                    registry=task.registry,
+                    base_model_dir=task.base_model_dir,
+                    seed_files=task.seed_files,
+                    flags_file=task.flags_file,
+                    live_version=live,
+                    live_model_dir=task.registry.path(live) if live else None,
+                    reason=trigger,
+                )
+                result = run_retraining(job, work_dir=work)
+                self._after_job(task, result)
+        except Exception as exc:
+            task.sink.decision(
+                task.name,
+                "retrain.failed",
+                severity="error",
+                trigger=trigger,
+                error=f"{type(exc).__name__}: {exc}",
+                action="nothing was registered; the live student keeps serving; the next "
+                "trigger tries again",
+            )
+            if not isinstance(exc, DistilldError):
+                self._log.exception("retrain.unexpected_error", task=task.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _after_job(self, task: RetrainTask, result: JobResult) -> None:
+        if result.status == "gate_failed" or result.version is None:
+            task.sink.decision(
+                task.name,
+                "retrain.gate_failed",
+                severity="warning",
+                gate=result.gate.summary,
+                attempts=len(result.attempts),
+                examples=result.attempts[-1]["size"] if result.attempts else 0,
+                report=str(self._keep_report(task, result)),
+                seconds=result.duration_s,
+                action="the candidate is discarded; the live student keeps serving",
+            )
+            return
+        version = result.version
+        first = task.registry.live_version() is None
+        shadow = task.config.shadow
+        task.sink.decision(
+            task.name,
+            "retrain.candidate_ready",
+            severity="info",
+            version=version,
+            gate=result.gate.summary,
+            attempts=len(result.attempts),
+            filtering=result.data.get("filtering", {}).get("dropped"),
+            train_examples=result.data.get("split", {}).get("sizes", {}).get("train"),
+            seconds=result.duration_s,
+            action=(
+                "promoting: first student of the task"
+                if first
+                else "shadow run on live traffic"
+                if shadow.enabled and task.load_candidate is not None
+                else "promoting (shadow disabled)"
+            ),
+        )
+        if first or not shadow.enabled or task.load_candidate is None:
+            self._promote(task, version, why=f"gate {result.gate.summary}")
+            return
+        task.registry.set_state(version, "shadow")  # the next tick starts the shadow run
+
+    def _keep_report(self, task: RetrainTask, result: JobResult) -> Path | None:
+        if result.gate_report_path is None or not result.gate_report_path.exists():
+            return None
+        reports = self._work_dir / task.name / "failed-gates"
+        reports.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock()))
+        kept = reports / f"gate-{stamp}.json"
+        shutil.copyfile(result.gate_report_path, kept)
+        html = result.gate_report_path.with_suffix(".html")
+        if html.exists():
+            shutil.copyfile(html, kept.with_suffix(".html"))
+        return kept
+
+    # ------------------------------------------------------------------ shadow
+
+    def _advance_shadow(self, task: RetrainTask) -> None:
+        in_shadow = [m for m in task.registry.list() if m.state == "shadow"]
+        state = self._states[task.name]
+        if not in_shadow:
+            self._end_shadow(task)
+            return
+        newest = in_shadow[-1]
+        for older in in_shadow[:-1]:  # a newer candidate replaces an older one
+            task.registry.set_state(older.version, "retired")
+        if state.candidate is None or state.candidate.model_version != newest.version:
+            self._end_shadow(task)
+            if task.load_candidate is None or self._shadow is None:
+                self._promote(task, newest.version, why="no shadow run possible here")
+                return
+            state.candidate = task.load_candidate(
+                task.registry.path(newest.version), newest.version
+            )
+            self._shadow.set_candidate(task.name, state.candidate, task.config.shadow.share)
+            task.sink.decision(
+                task.name,
+                "retrain.shadow_started",
+                severity="info",
+                version=newest.version,
+                share=task.config.shadow.share,
+                min_comparisons=task.config.shadow.min_comparisons,
+                action="the candidate answers sampled requests beside the live student; "
+                "its answers do not go out",
+            )
+        live = task.slot.model_version
+        pairs = shadow_pairs(
+            self._store.last_comparisons(task.name, COMPARISONS_READ), newest.version, live
+        )
+        verdict = shadow_verdict(pairs, task.config.shadow, self._clock() - newest.state_changed_at)
+        if verdict.decision == "wait":
+            return
+        self._end_shadow(task)
+        if verdict.decision == "promote":
+            self._promote(task, newest.version, why=f"shadow: {verdict.why}")
+        else:
+            task.registry.set_state(newest.version, "retired")
+            task.sink.decision(
+                task.name,
+                "retrain.shadow_rejected",
+                severity="warning",
+                version=newest.version,
+                why=verdict.why,
+                comparisons=verdict.n,
+                candidate=verdict.candidate,
+                live=verdict.live,
+                action="the candidate is retired; the live student keeps serving",
+            )
+
+    def _end_shadow(self, task: RetrainTask) -> None:
+        state = self._states[task.name]
+        if state.candidate is None:
+            return
+        if self._shadow is not None:
+            self._shadow.set_candidate(task.name, None)
+        state.candidate.close()
+        state.candidate = None
+
+    # ------------------------------------------------------------------ promotion
+
+    def _promote(self, task: RetrainTask, version: str, *, why: str) -> None:
+        previous = task.slot.model_version
+        manifest = task.registry.promote(version)  # the atomic step: LIVE now names it
+        if self._follow_live(task):
+            task.sink.decision(
+                task.name,
+                "retrain.promoted",
+                severity="info",
+                version=version,
+                previous=previous,
+                why=why,
+                metrics=manifest.metrics.get("gate_summary"),
+                action="the new version answers from the next batch; it is watched for "
+                f"{task.config.rollback.watch_window_s:.0f} s against the previous one",
+            )
+
+    def _follow_live(self, task: RetrainTask) -> bool:
+        """Serve the registry's live version; True when it is served now."""
+        live = task.registry.live_version()
+        if live is None or live == task.slot.model_version:
+            return live is not None
+        state = self._states[task.name]
+        if live in state.unservable:
+            return False
+        previous = task.slot.model_version
+        try:
+            task.slot.switch(task.registry.path(live), live)
+        except Exception as exc:
+            state.unservable.add(live)
+            can_roll_back = task.registry.previous_live() is not None
+            if can_roll_back:
+                task.registry.rollback()
+            task.sink.decision(
+                task.name,
+                "retrain.switch_failed",
+                severity="error",
+                version=live,
+                serving=previous,
+                error=f"{type(exc).__name__}: {exc}",
+                action=(
+                    f"{previous} keeps serving; the registry was rolled back to it"
+                    if can_roll_back
+                    else f"{previous} keeps serving; fix the version or promote another"
+                ),
+            )
+            return False
+        self._log.info("retrain.serving", task=task.name, version=live, previous=previous)
+        return True
+
+    # ------------------------------------------------------------------ watch
+
+    def _watch(self, task: RetrainTask) -> None:
+        pointer = task.registry.pointer()
+        if pointer is None or pointer.retire is None or pointer.retire_state != "retired":
+            return  # nothing replaced, or the last change was itself a rollback
+        if pointer.version != task.slot.model_version:
+            return
+        elapsed = self._clock() - pointer.updated_at
+        if elapsed > task.config.rollback.watch_window_s:
+            return
+        comparisons = self._store.last_comparisons(task.name, COMPARISONS_READ)
+        new_scores, previous = watch_scores(
+            comparisons,
+            pointer.version,
+            pointer.retire,
+            since=pointer.updated_at,
+            window=task.policy.monitors.accuracy.window,
+        )
+        verdict = rollback_verdict(new_scores, previous, task.config.rollback, elapsed)
+        if verdict.decision != "rollback":
+            return
+        restored: Manifest = task.registry.rollback()
+        self._follow_live(task)
+        task.sink.decision(
+            task.name,
+            "retrain.rolled_back",
+            severity="error",
+            metric="accuracy",
+            value=verdict.new,
+            threshold=verdict.previous,
+            version=pointer.version,
+            restored=restored.version,
+            why=verdict.why,
+            comparisons=verdict.n,
+            action=f"{restored.version} serves again; {pointer.version} is marked rolled_back",
+        )
+
+    def _last_start(self, task: str) -> float | None:
+        # The cooldown survives a restart: the last start is in the alert records.
+        with contextlib.suppress(Exception):
+            for event in self._store.last_alerts(task, limit=200):
+                if event.kind == STARTED:
+                    return event.created_at
+        return None
+
+
+def shadow_pairs(
+    comparisons: Sequence[StoredComparison], candidate: str, live: str
+) -> list[tuple[float, float]]:
+    """(candidate score, live score) for each request both versions answered."""
+    live_scores = {
+        c.request_id: c.score
+        for c in comparisons
+        if c.model_version == live and c.score is not None
+    }
+    return [
+        (c.score, live_scores[c.request_id])
+        for c in comparisons
+        if c.model_version == candidate and c.score is not None and c.request_id in live_scores
+    ]
+
+
+def watch_scores(
+    comparisons: Sequence[StoredComparison],
+    version: str,
+    previous: str,
+    *,
+    since: float,
+    window: int,
+) -> tuple[list[float], float | None]:
+    """Scores of ``version`` since its promotion, and the mean of ``previous``'s last
+    ``window`` scores before it (None when it has none)."""
+    new = [
+        c.score
+        for c in comparisons
+        if c.model_version == version and c.score is not None and c.created_at >= since
+    ]
+    before = sorted(
+        (c for c in comparisons if c.model_version == previous and c.score is not None),
+        key=lambda c: c.created_at,
+    )[-window:]
+    scores = [c.score for c in before if c.score is not None]
+    return new, (sum(scores) / len(scores) if scores else None)
+
+
+@contextlib.contextmanager
+def _single_flight(root: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on the task's registry: one retraining at a time
+    across every process that shares it. Released by the OS if the process dies."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".retrain.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
