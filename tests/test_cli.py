@@ -146,3 +146,82 @@ def test_run_without_bootstrap_servers_starts_and_stops_an_embedded_broker(
     pid = started["pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def _registry_with_two_versions(state_dir: Path) -> None:
+    from distilld.registry import Manifest, ModelRegistry
+
+    registry = ModelRegistry(state_dir / "registry" / "reviews")
+    for name in ("first", "second"):
+        model = state_dir / f"model-{name}"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        registry.register(model, Manifest(version=name, metrics={"gate_summary": f"{name} ok"}))
+    registry.promote("first")
+
+
+def test_versions_promote_and_rollback_change_the_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distilld.registry import ModelRegistry
+
+    monkeypatch.setenv("DISTILLD_STATE_DIR", str(tmp_path))
+    _registry_with_two_versions(tmp_path)
+
+    assert main(["versions", "reviews"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split() == ["*", "first", "live", "first", "ok"]
+    assert listing[1].split() == ["second", "candidate", "second", "ok"]
+
+    assert main(["promote", "reviews", "second"]) == 0
+    assert "second is live" in capsys.readouterr().out
+    assert ModelRegistry(tmp_path / "registry" / "reviews").live_version() == "second"
+
+    assert main(["rollback", "reviews"]) == 0
+    assert "first is live" in capsys.readouterr().out
+    registry = ModelRegistry(tmp_path / "registry" / "reviews")
+    assert registry.live_version() == "first"
+    assert registry.get("second").state == "rolled_back"
+
+    assert main(["versions", "reviews", "--json"]) == 0
+    manifests = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [m["state"] for m in manifests] == ["live", "rolled_back"]
+
+
+def test_registry_commands_explain_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DISTILLD_STATE_DIR", str(tmp_path))
+
+    assert main(["versions", "nowhere"]) == 2
+    assert "no model registry for task 'nowhere'" in capsys.readouterr().err
+
+    _registry_with_two_versions(tmp_path)
+    assert main(["promote", "reviews", "third"]) == 1
+    err = capsys.readouterr().err
+    assert "third" in err and "Traceback" not in err
+    assert main(["rollback", "reviews"]) == 1
+    assert "no previous version to roll back to" in capsys.readouterr().err
+
+
+def test_retrain_leaves_a_request_only_for_a_task_that_retrains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DISTILLD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("DISTILLD_POLICIES_DIR", str(REPO / "policies"))
+
+    # The shipped policy has no retraining section (its example is commented out).
+    assert main(["retrain", "rotten-tomatoes"]) == 2
+    assert "does not retrain" in capsys.readouterr().err
+    assert main(["retrain", "unknown"]) == 2
+    assert "no policy for task 'unknown'" in capsys.readouterr().err
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    text = (REPO / "policies" / "rotten-tomatoes.yaml").read_text()
+    teacher = "teacher:\n  backend: transformers\n  model: teacher-model\nretraining: {}\n"
+    (policies / "reviews.yaml").write_text(text + teacher)
+    monkeypatch.setenv("DISTILLD_POLICIES_DIR", str(policies))
+    assert main(["retrain", "rotten-tomatoes"]) == 0
+    assert "retraining of 'rotten-tomatoes' requested" in capsys.readouterr().out
+    assert (tmp_path / "state" / "requests" / "rotten-tomatoes.retrain").is_file()

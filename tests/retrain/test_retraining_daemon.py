@@ -51,8 +51,9 @@ def reviews() -> list[Row]:
 
 def retraining_section(**changes: Any) -> dict[str, Any]:
     section: dict[str, Any] = {
-        "size": {"min_examples": 240, "max_examples": 240},
-        "training": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-4, "max_tokens": 48},
+        "size": {"min_examples": 300, "max_examples": 300},
+        "filtering": {"min_teacher_confidence": 0.5},
+        "training": {"epochs": 2, "batch_size": 16, "learning_rate": 3e-4, "max_tokens": 48},
         "gate": {"min_test_examples": 20, "margin": 0.4, "live_tolerance": 0.05},
         "shadow": {"share": 1.0, "min_comparisons": 40, "tolerance": 0.05},
         "rollback": {"min_comparisons": 1000},  # no automatic rollback within these tests

@@ -248,6 +248,8 @@ def test_classification_request_and_label_distribution(
     assert sum(first.probabilities.values()) == pytest.approx(1.0)
     assert first.probabilities["rotten"] > first.probabilities["fresh"]
     assert first.confidence == first.probabilities["rotten"]
+    # The per-token top-k, for distribution matching of causal-LM students.
+    assert first.top_logprobs == ({"rotten": -0.2, "fresh": -1.8, "meh": -5.0},)
 
     assert len(server.requests) == 2
     request = server.requests[0]

@@ -325,6 +325,7 @@ def _labelled(candidate: Candidate, answer: TeacherAnswer) -> LabelledExample:
         confidence=answer.confidence,
         id=candidate.id,
         probabilities=answer.probabilities,
+        top_logprobs=answer.top_logprobs,
         teacher_error=answer.error,
         segment=dict(candidate.segment),
         tags=candidate.tags,

@@ -111,6 +111,7 @@ class TrainingExample:
             output=answer.output,
             confidence=answer.confidence,
             probabilities=answer.probabilities,
+            top_logprobs=answer.top_logprobs,
         )
 
 

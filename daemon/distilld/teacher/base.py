@@ -68,6 +68,10 @@ class TeacherAnswer:
     confidence: float
     probabilities: dict[str, float] | None = None
     error: str | None = None
+    top_logprobs: tuple[dict[str, float], ...] | None = None
+    """Per answer token, the teacher's top-k tokens and their log-probabilities (an
+    OpenAI-compatible teacher asked for logprobs): the soft targets a causal-LM
+    student with the same tokenizer is matched against. None when not reported."""
 
 
 @dataclass(frozen=True)

@@ -390,7 +390,10 @@ class OpenAITeacher:
         # every label, the distribution (vLLM student backend logic).
         prediction = choice_prediction(label, tokens, self._labels)
         return TeacherAnswer(
-            output=label, confidence=prediction.confidence, probabilities=prediction.probabilities
+            output=label,
+            confidence=prediction.confidence,
+            probabilities=prediction.probabilities,
+            top_logprobs=token_top_logprobs(tokens),
         )
 
     def _json_answer(self, content: str, tokens: list[dict[str, Any]]) -> TeacherAnswer:
@@ -399,8 +402,31 @@ class OpenAITeacher:
             _strip_code_fence(content), mean_token_probability(tokens), self._validator
         )
         return TeacherAnswer(
-            output=prediction.output, confidence=prediction.confidence, error=prediction.error
+            output=prediction.output,
+            confidence=prediction.confidence,
+            error=prediction.error,
+            top_logprobs=token_top_logprobs(tokens) if prediction.error is None else None,
         )
+
+
+def token_top_logprobs(tokens: list[dict[str, Any]]) -> tuple[dict[str, float], ...] | None:
+    """Per answer token, its top-k alternatives (token -> log-probability), the chosen
+    token included; None when the answer came without log-probabilities."""
+    steps: list[dict[str, float]] = []
+    for token in tokens:
+        step: dict[str, float] = {}
+        for alternative in token.get("top_logprobs") or []:
+            if isinstance(alternative, dict) and isinstance(alternative.get("token"), str):
+                logprob = alternative.get("logprob")
+                if isinstance(logprob, int | float):
+                    step[alternative["token"]] = float(logprob)
+        chosen, logprob = token.get("token"), token.get("logprob")
+        if isinstance(chosen, str) and isinstance(logprob, int | float):
+            step.setdefault(chosen, float(logprob))
+        if not step:
+            return None
+        steps.append(step)
+    return tuple(steps) or None
 
 
 def match_label(content: str, labels: Sequence[str]) -> str | None:
