@@ -138,6 +138,7 @@ def reviews() -> list[Row]:
     return short_reviews(SIZE + 60)
 
 
+@pytest.mark.slow
 def test_a_job_labels_filters_trains_gates_and_registers_a_candidate(
     tmp_path: Path, minilm_sentiment_dir: Path, trained_sentiment_dir: Path, reviews: list[Row]
 ) -> None:
@@ -180,8 +181,10 @@ def test_a_job_labels_filters_trains_gates_and_registers_a_candidate(
     assert (version_dir / GATE_HTML).read_text().startswith("<!DOCTYPE html>")
     reference = load_reference(version_dir / REFERENCE_FILE)
     assert len(reference.frame) > 0
+    first, attempt = manifest.data["attempts"]
+    assert (first["size"], attempt["size"]) == (SIZE // 2, SIZE)
+    assert first["gate"].startswith("failed: test_set_size")
     # Every input selected was either kept or dropped with a reason; flagged ones dropped.
-    attempt = manifest.data["attempts"][0]
     filtering = attempt["filtering"]
     selected = attempt["selection"]["selected"]
     assert selected == attempt["selection"]["eligible"] > SIZE * 0.9
@@ -195,6 +198,7 @@ def test_a_job_labels_filters_trains_gates_and_registers_a_candidate(
     assert set(result.gate.metrics) >= {"candidate", "live"}
 
 
+@pytest.mark.slow
 def test_a_job_whose_gate_fails_registers_nothing_and_keeps_the_report(
     tmp_path: Path, minilm_sentiment_dir: Path, trained_sentiment_dir: Path, reviews: list[Row]
 ) -> None:
@@ -285,6 +289,7 @@ run_retraining(t.job_inputs(policy, store, registry, Path(sys.argv[3]), Path(sys
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_leaves_the_registry_as_it_was(
     tmp_path: Path, minilm_sentiment_dir: Path, trained_sentiment_dir: Path, reviews: list[Row]
 ) -> None:

@@ -565,7 +565,7 @@ class RetrainManager:
     def _last_start(self, task: str) -> float | None:
         # The cooldown survives a restart: the last start is in the alert records.
         with contextlib.suppress(Exception):
-            for event in self._store.last_alerts(task, limit=200):
+            for event in reversed(self._store.last_alerts(task, limit=200)):  # newest first
                 if event.kind == STARTED:
                     return event.created_at
         return None

@@ -315,11 +315,6 @@ class ShadowWorker:
             else:
                 self._candidates[task] = (backend, share)
 
-    def candidate_version(self, task: str) -> str | None:
-        with self._lock:
-            entry = self._candidates.get(task)
-        return entry[0].model_version if entry is not None else None
-
     # -- the serving side ---------------------------------------------------------
 
     def offer(

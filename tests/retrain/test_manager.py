@@ -1,0 +1,316 @@
+"""The retraining manager's loop on a real registry and a real SQLite store, with
+stand-ins (labelled) for the parts whose behaviour is not under test: a slot that
+records switches instead of loading models, a scripted teacher.
+
+What is under test: failures alert once and leave the live version serving; the
+watch after a promotion rolls a worse version back; a shadow run decides on the
+stored pairs; the served version follows the registry (``distilld promote``), and
+a version that cannot be served is refused once, with the registry rolled back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from distilld.alerts import AlertSink
+from distilld.policy.model import Policy
+from distilld.registry import Manifest, ModelRegistry
+from distilld.retrain.config import RetrainingConfig
+from distilld.retrain.manager import RetrainManager, RetrainTask, request_retraining
+from distilld.serving.base import Prediction
+from distilld.shadow.worker import ShadowTask, ShadowWorker
+from distilld.store.base import StoredComparison, TrafficSample
+from distilld.store.sqlite import SqliteStore
+from distilld.teacher.base import TeacherAnswer, TeacherStatus
+
+LABELS = ["fresh", "rotten"]
+
+
+class RecordingSlotFake:
+    """Stand-in for the serving slot: records switches; can refuse a version."""
+
+    def __init__(self, version: str, refuse: str | None = None) -> None:
+        self.version = version
+        self.refuse = refuse
+        self.switches: list[str] = []
+
+    @property
+    def model_version(self) -> str:
+        return self.version
+
+    def switch(self, model_dir: Path, version: str) -> None:
+        if version == self.refuse:
+            raise RuntimeError(f"fake load failure of {model_dir.name}")
+        self.switches.append(version)
+        self.version = version
+
+
+class ScriptedTeacherFake:
+    def label(self, inputs: Sequence[str]) -> list[TeacherAnswer]:
+        return [TeacherAnswer("fresh", 0.9) for _ in inputs]
+
+    def status(self) -> TeacherStatus:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ConstantCandidateFake:
+    """Stand-in for a candidate model loaded for the shadow run."""
+
+    def __init__(self, version: str) -> None:
+        self.model_version = version
+        self.closed = False
+
+    def predict(self, inputs: Sequence[str]) -> list[Prediction]:
+        return [Prediction("fresh", 0.9) for _ in inputs]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def policy(**retraining: object) -> Policy:
+    return Policy.model_validate(
+        {
+            "task": "reviews",
+            "kind": "classification",
+            "labels": LABELS,
+            "traffic": {
+                "requests_topic": "r.requests",
+                "responses_topic": "r.responses",
+                "dead_letter_topic": "r.dead-letter",
+            },
+            "student": {"model": "student"},
+            "teacher": {"backend": "transformers", "model": "teacher"},
+            "monitors": {"accuracy": {"window": 50, "min_samples": 10}},
+            "retraining": retraining,
+        }
+    )
+
+
+def registry_with(tmp_path: Path, *versions: str) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path / "registry")
+    for name in versions:
+        model = tmp_path / "models" / name
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        registry.register(model, Manifest(version=name))
+    return registry
+
+
+def manager_for(
+    tmp_path: Path,
+    pol: Policy,
+    registry: ModelRegistry,
+    slot: RecordingSlotFake,
+    store: SqliteStore,
+    base_model: Path | None = None,
+    candidates: list[ConstantCandidateFake] | None = None,
+) -> RetrainManager:
+    assert pol.retraining is not None
+    loaded = candidates if candidates is not None else []
+
+    def load_candidate(model_dir: Path, version: str) -> ConstantCandidateFake:
+        loaded.append(ConstantCandidateFake(version))
+        return loaded[-1]
+
+    task = RetrainTask(
+        policy=pol,
+        config=pol.retraining,
+        teacher=ScriptedTeacherFake(),
+        registry=registry,
+        slot=slot,
+        sink=AlertSink(store, tasks=["reviews"]),
+        base_model_dir=base_model or tmp_path / "base",
+        load_candidate=load_candidate,  # type: ignore[arg-type]
+    )
+    # A real shadow worker, not started: the test stores the comparisons itself.
+    shadow = ShadowWorker([ShadowTask.from_policy(pol, task.teacher)], store)
+    return RetrainManager(
+        [task],
+        store=store,
+        shadow=shadow,
+        requests_dir=tmp_path / "requests",
+        work_dir=tmp_path / "work",
+    )
+
+
+def kinds(store: SqliteStore) -> list[str]:
+    return [a.kind for a in store.last_alerts("reviews", limit=100)]  # oldest first
+
+
+def compared(
+    version: str, scores: list[float], start: float, prefix: str
+) -> list[StoredComparison]:
+    return [
+        StoredComparison(
+            task="reviews",
+            request_id=f"{prefix}{i}",
+            segment={},
+            input_text=f"text {prefix}{i}",
+            student_output="fresh",
+            student_confidence=0.9,
+            model_version=version,
+            teacher_output="fresh",
+            teacher_confidence=0.9,
+            teacher_probabilities=None,
+            score=score,
+            schema_valid=True,
+            created_at=start + i * 0.001,
+        )
+        for i, score in enumerate(scores)
+    ]
+
+
+def test_a_failed_job_alerts_once_and_the_live_version_keeps_serving(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    store.add_traffic(
+        [
+            TrafficSample("reviews", f"review number {i} " * 3, {}, "fresh", 0.9, f"id{i}")
+            for i in range(300)
+        ]
+    )
+    registry = registry_with(tmp_path, "v-live")
+    registry.promote("v-live")
+    slot = RecordingSlotFake("v-live")
+    (tmp_path / "base").mkdir()  # an empty directory: no model to train from
+    manager = manager_for(tmp_path, policy(gate={"min_test_examples": 10}), registry, slot, store)
+
+    assert manager.request("reviews", "manual")
+    assert manager.wait_idle("reviews", 120)
+
+    assert kinds(store) == ["retrain.started", "retrain.failed"]
+    failed = store.last_alerts("reviews", limit=1)[0]
+    assert "TrainingError" in failed.payload["error"]
+    assert "live student keeps serving" in failed.payload["action"]
+    assert slot.switches == [] and registry.live_version() == "v-live"
+    assert [m.version for m in registry.list()] == ["v-live"]
+    assert not list((tmp_path / "work").glob("reviews/job-*"))  # scratch space removed
+
+
+def test_too_few_inputs_is_a_failure_with_what_to_do(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    registry = registry_with(tmp_path, "v-live")
+    registry.promote("v-live")
+    manager = manager_for(tmp_path, policy(), registry, RecordingSlotFake("v-live"), store)
+
+    manager.request("reviews", "manual")
+    manager.wait_idle("reviews", 60)
+
+    failed = store.last_alerts("reviews", limit=1)[0]
+    assert failed.kind == "retrain.failed"
+    assert "0 candidate inputs" in failed.payload["error"]
+    assert "add retraining.seed_files" in failed.payload["error"]
+
+
+def test_a_promoted_version_that_does_worse_is_rolled_back(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    registry = registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    store.add_comparisons(compared("v1", [1.0] * 40, time.time() - 100, "old"))
+    registry.promote("v2")
+    slot = RecordingSlotFake("v2")
+    pol = policy(rollback={"min_comparisons": 20, "tolerance": 0.05})
+    manager = manager_for(tmp_path, pol, registry, slot, store)
+
+    store.add_comparisons(compared("v2", [1.0] * 10, time.time(), "a"))
+    manager.tick()
+    assert registry.live_version() == "v2"  # 10 of 20 comparisons: still watching
+
+    store.add_comparisons(compared("v2", [0.0] * 15, time.time(), "b"))
+    manager.tick()
+
+    assert registry.live_version() == "v1"
+    assert slot.switches == ["v1"]
+    assert registry.get("v2").state == "rolled_back"
+    rolled = store.last_alerts("reviews", limit=1)[0]
+    assert rolled.kind == "retrain.rolled_back"
+    assert rolled.value == pytest.approx(10 / 25)
+    assert rolled.threshold == pytest.approx(1.0)
+    manager.tick()  # the rollback itself is not watched: nothing more happens
+    assert kinds(store).count("retrain.rolled_back") == 1
+
+
+def test_a_shadow_run_promotes_on_the_stored_pairs(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    registry = registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    registry.set_state("v2", "shadow")
+    slot = RecordingSlotFake("v1")
+    loaded: list[ConstantCandidateFake] = []
+    pol = policy(shadow={"min_comparisons": 5, "tolerance": 0.0})
+    manager = manager_for(tmp_path, pol, registry, slot, store, candidates=loaded)
+
+    manager.tick()
+    assert [c.model_version for c in loaded] == ["v2"]
+    assert "retrain.shadow_started" in kinds(store)
+    now = time.time()
+    store.add_comparisons(compared("v1", [1.0, 0.0, 0.0, 1.0, 0.0], now, "r"))
+    store.add_comparisons(compared("v2", [1.0, 1.0, 0.0, 1.0, 1.0], now, "r"))
+    manager.tick()
+
+    assert registry.live_version() == "v2" and slot.switches == ["v2"]
+    assert loaded[0].closed
+    promoted = store.last_alerts("reviews", limit=1)[0]
+    assert promoted.kind == "retrain.promoted"
+    assert "candidate 0.8000 vs live 0.4000 on 5" in promoted.payload["why"]
+
+
+def test_the_daemon_follows_the_registry_and_refuses_an_unservable_version_once(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    registry = registry_with(tmp_path, "v1", "v2", "v3")
+    registry.promote("v1")
+    slot = RecordingSlotFake("v1", refuse="v3")
+    manager = manager_for(tmp_path, policy(), registry, slot, store)
+
+    registry.promote("v2")  # as `distilld promote reviews v2` does
+    manager.tick()
+    assert slot.switches == ["v2"]
+
+    registry.promote("v3")
+    manager.tick()
+    manager.tick()
+
+    assert slot.version == "v2"
+    assert registry.live_version() == "v2"  # rolled back to what is served
+    assert kinds(store).count("retrain.switch_failed") == 1
+    failed = store.last_alerts("reviews", limit=1)[0]
+    assert "fake load failure" in failed.payload["error"]
+
+
+def test_a_request_file_starts_a_retraining_and_is_consumed(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    registry = registry_with(tmp_path, "v1")
+    registry.promote("v1")
+    manager = manager_for(
+        tmp_path,
+        policy(triggers={"manual": {"enabled": False}}),
+        registry,
+        RecordingSlotFake("v1"),
+        store,
+    )
+
+    path = request_retraining(tmp_path / "requests", "reviews")
+    manager.tick()
+
+    assert not path.exists()
+    requested = store.last_alerts("reviews", limit=1)[0]
+    assert requested.kind == "retrain.requested"
+    assert requested.payload["started"] is False  # the policy forbids it by hand
+
+
+def test_retraining_config_defaults_match_the_readme() -> None:
+    config = RetrainingConfig()
+
+    assert config.triggers.schedule.cron == "0 3 1 */3 *"
+    assert config.gate.margin == 0.02
+    assert config.size.bounds("classification", 2) == (1000, 5000)
+    assert config.size.bounds("extraction") == (5000, 20000)
+    assert config.cold_start.serve == "teacher"
