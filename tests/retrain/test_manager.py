@@ -10,6 +10,7 @@ a version that cannot be served is refused once, with the registry rolled back.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
 from distilld.retrain.manager import RetrainManager, RetrainTask, request_retraining
+from distilld.retrain.run import JobInputs, RetrainCancelled, run_retraining
 from distilld.serving.base import Prediction
 from distilld.shadow.worker import ShadowTask, ShadowWorker
 from distilld.store.base import StoredComparison, TrafficSample
@@ -314,3 +316,31 @@ def test_retraining_config_defaults_match_the_readme() -> None:
     assert config.size.bounds("classification", 2) == (1000, 5000)
     assert config.size.bounds("extraction") == (5000, 20000)
     assert config.cold_start.serve == "teacher"
+
+
+def test_a_cancelled_job_stops_at_its_next_step_and_registers_nothing(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    store.add_traffic(
+        [
+            TrafficSample("reviews", f"review number {i} " * 3, {}, "fresh", 0.9, f"id{i}")
+            for i in range(300)
+        ]
+    )
+    registry = registry_with(tmp_path, "v-live")
+    pol = policy(gate={"min_test_examples": 10})
+    assert pol.retraining is not None
+    cancel = threading.Event()
+    cancel.set()  # as RetrainManager.stop() does when the daemon stops
+    job = JobInputs(
+        policy=pol,
+        config=pol.retraining,
+        teacher=ScriptedTeacherFake(),
+        store=store,
+        registry=registry,
+        base_model_dir=tmp_path / "base",
+        cancel=cancel,
+    )
+
+    with pytest.raises(RetrainCancelled, match="stopped before: attempt 1"):
+        run_retraining(job, work_dir=tmp_path / "work")
+    assert [m.version for m in registry.list()] == ["v-live"]

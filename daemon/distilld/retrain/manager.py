@@ -56,6 +56,7 @@ from distilld.retrain.decide import Trigger, may_start, rollback_verdict, shadow
 from distilld.retrain.run import (
     JobInputs,
     JobResult,
+    RetrainCancelled,
     minimum_inputs,
     read_seed_inputs,
     run_retraining,
@@ -147,7 +148,10 @@ class RetrainManager:
         self._clock = clock
         self._lock = threading.Lock()
         self._states = {t.name: _State(last_started_at=self._last_start(t.name)) for t in tasks}
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # also cancels a job in progress at its next step
+        # One switch at a time per task: the job thread and the tick may both
+        # see a new LIVE version.
+        self._switching = {t.name: threading.Lock() for t in tasks}
         self._thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._log = get_logger("retrain")
@@ -182,13 +186,16 @@ class RetrainManager:
         )
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop triggering; a retraining in progress is abandoned (its daemon thread
-        dies with the process; nothing is registered half-way)."""
+        """Stop triggering; a retraining in progress stops at its next step (a training
+        step, a teacher batch) and registers nothing."""
         self._stop.set()
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
+        for name in self._tasks:
+            if not self.wait_idle(name, timeout_s):
+                self._log.warning("retrain.still_running_at_stop", task=name)
         for name, state in self._states.items():
             if state.candidate is not None:
                 if self._shadow is not None:
@@ -339,9 +346,12 @@ class RetrainManager:
                     live_version=live,
                     live_model_dir=task.registry.path(live) if live else None,
                     reason=trigger,
+                    cancel=self._stop,
                 )
                 result = run_retraining(job, work_dir=work)
                 self._after_job(task, result)
+        except RetrainCancelled as exc:
+            self._log.info("retrain.cancelled", task=task.name, trigger=trigger, why=str(exc))
         except Exception as exc:
             task.sink.decision(
                 task.name,
@@ -493,6 +503,10 @@ class RetrainManager:
 
     def _follow_live(self, task: RetrainTask) -> bool:
         """Serve the registry's live version; True when it is served now."""
+        with self._switching[task.name]:
+            return self._follow_live_locked(task)
+
+    def _follow_live_locked(self, task: RetrainTask) -> bool:
         live = task.registry.live_version()
         if live is None or live == task.slot.model_version:
             return live is not None

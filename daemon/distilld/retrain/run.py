@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +53,12 @@ from distilld.retrain.select import (
     select_inputs,
 )
 from distilld.retrain.split import check_held_out, split_examples
-from distilld.retrain.train import TrainingExample, train_student
+from distilld.retrain.train import (
+    TrainingExample,
+    TrainProgress,
+    terminal_progress,
+    train_student,
+)
 from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.local import load_local_student
 from distilld.store.base import SampleStore
@@ -63,6 +69,7 @@ __all__ = [
     "GATE_JSON",
     "JobInputs",
     "JobResult",
+    "RetrainCancelled",
     "RetrainError",
     "minimum_inputs",
     "read_seed_inputs",
@@ -81,6 +88,10 @@ class RetrainError(DistilldError):
     """A retraining could not produce a candidate (too few inputs, unreadable seeds...)."""
 
 
+class RetrainCancelled(RetrainError):
+    """The daemon is stopping: the job gave up between two steps, registering nothing."""
+
+
 @dataclass(frozen=True)
 class JobInputs:
     """What one job needs; built by the manager from the policy and the daemon's parts."""
@@ -97,6 +108,7 @@ class JobInputs:
     live_model_dir: Path | None = None  # None: no live student (cold start) or not readable
     reason: str = "manual"
     seed: int = 0
+    cancel: threading.Event | None = None  # set: stop at the next step (daemon stopping)
 
 
 @dataclass
@@ -167,7 +179,22 @@ def run_retraining(
     """Run one job; see the module docstring. ``work_dir`` holds the scratch files."""
     started = time.monotonic()
     log = get_logger("retrain")
-    note = progress or (lambda step: None)
+    cancel = job.cancel or threading.Event()
+
+    def note(step: str) -> None:
+        if cancel.is_set():
+            raise RetrainCancelled(f"task {job.policy.task!r}: stopped before: {step}")
+        if progress is not None:
+            progress(step)
+
+    terminal = terminal_progress()
+
+    def training_progress(p: TrainProgress) -> None:
+        if cancel.is_set():  # raised inside the trainer: it removes its partial output
+            raise RetrainCancelled(f"task {job.policy.task!r}: stopped while training")
+        if terminal is not None:
+            terminal(p)
+
     policy, config = job.policy, job.config
     kind = policy.kind.value
     n_labels = len(policy.labels) if policy.labels else None
@@ -194,7 +221,7 @@ def run_retraining(
         selection = select_inputs(candidates, size, config.selection, seed=job.seed + attempt)
         chosen = selection.candidates
         note(f"attempt {attempt}: teacher labels {len(chosen)} inputs")
-        _label_missing(job.teacher, [c.text for c in chosen], answers)
+        _label_missing(job.teacher, [c.text for c in chosen], answers, note)
         labelled = [_labelled(c, answers[c.text]) for c in chosen]
         filtered = filter_examples(
             labelled,
@@ -217,6 +244,7 @@ def run_retraining(
             labels=policy.labels,
             prompt=policy.prompt,
             truncation_side=policy.student.truncation_side,
+            progress=training_progress,
         )
         note(f"attempt {attempt}: gate on {len(split.test)} held-out examples")
         gate, reference_inputs = _judge(job, out_dir, split.test, [e.text for e in split.train])
@@ -305,10 +333,14 @@ def minimum_inputs(config: RetrainingConfig) -> int:
 
 
 def _label_missing(
-    teacher: Teacher, texts: Sequence[str], answers: dict[str, TeacherAnswer]
+    teacher: Teacher,
+    texts: Sequence[str],
+    answers: dict[str, TeacherAnswer],
+    note: Callable[[str], None],
 ) -> None:
     missing = list(dict.fromkeys(t for t in texts if t not in answers))
     for start in range(0, len(missing), LABEL_BATCH):
+        note(f"teacher labels inputs {start}-{start + LABEL_BATCH} of {len(missing)}")
         batch = missing[start : start + LABEL_BATCH]
         labelled = teacher.label(batch)
         if len(labelled) != len(batch):

@@ -200,7 +200,7 @@ def train_student(
     out_dir = Path(out_dir)
     _check_arguments(base_model_dir, examples, config, out_dir, architecture, labels, prompt)
     log = get_logger("retrain")
-    report = progress if progress is not None else _terminal_progress()
+    report = progress if progress is not None else terminal_progress()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.training-", dir=out_dir.parent))
     try:
@@ -457,7 +457,7 @@ def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
         yield indices[start : start + size]
 
 
-def _terminal_progress() -> Callable[[TrainProgress], None] | None:
+def terminal_progress() -> Callable[[TrainProgress], None] | None:
     """A one-line progress display on stderr, only when stderr is a terminal."""
     stream = sys.stderr
     if not stream.isatty():
