@@ -11,6 +11,7 @@ import pytest
 
 from distilld.cli import main
 from distilld.demo.data import load_rows
+from distilld.registry import Manifest, ModelRegistry
 from distilld.settings import Settings
 from distilld.store.base import AlertEvent, CheckResult, StoredComparison, TrafficSample
 from distilld.store.sqlite import SqliteStore
@@ -126,6 +127,19 @@ def test_status_shows_version_traffic_agreement_drift_and_alerts(
     assert doc["enough_samples"] is True
     # 300 requests in the last 5 minutes.
     assert doc["requests_per_s"] == pytest.approx(300 / 300.0)
+    assert doc["versions"] == 0 and doc["registry_live"] is None  # no registry yet
+
+    # With a model registry: the live version and a candidate in shadow.
+    registry = ModelRegistry(state.registry_root / TASK)
+    for name in ("v7", "v8"):
+        model = state.state_dir / "models" / name
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        registry.register(model, Manifest(version=name))
+    registry.promote("v7")
+    registry.set_state("v8", "shadow")
+    assert main(["status", TASK]) == 0
+    assert "registry             2 versions, live v7, v8 in shadow" in capsys.readouterr().out
 
 
 def test_check_flags_a_shift_once_and_exits_3_and_passes_stationary_traffic(

@@ -180,6 +180,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
     from distilld.app import existing_store
     from distilld.policy.load import load_policies
+    from distilld.registry import ModelRegistry
     from distilld.status import format_status, task_status
 
     policies = load_policies(args.policies or settings.policies_dir)
@@ -189,7 +190,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     store = existing_store(settings)
     try:
         for task in args.tasks or sorted(policies):
-            status = task_status(policies[task], store)
+            root = settings.registry_root / task
+            registry = ModelRegistry(root) if root.is_dir() else None
+            status = task_status(policies[task], store, registry=registry)
             if args.json:
                 print(json.dumps(dataclasses.asdict(status), default=str))
             else:

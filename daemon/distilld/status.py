@@ -18,6 +18,7 @@ from typing import Any
 from distilld.monitoring.measure import current_accuracy
 from distilld.policy.evaluate import DRIFT_METRIC
 from distilld.policy.model import Policy
+from distilld.registry import ModelRegistry
 from distilld.store.base import AlertEvent, SampleStore
 
 #: The traffic rate is averaged over this many seconds.
@@ -42,9 +43,17 @@ class TaskStatus:
     drift_share: float | None
     last_check: str | None
     alerts: list[AlertEvent]
+    registry_live: str | None = None  # the registry's LIVE version (None: no registry)
+    in_shadow: str | None = None  # a candidate running in shadow
+    versions: int = 0  # versions kept in the registry
 
 
-def task_status(policy: Policy, store: SampleStore, now: float | None = None) -> TaskStatus:
+def task_status(
+    policy: Policy,
+    store: SampleStore,
+    now: float | None = None,
+    registry: ModelRegistry | None = None,
+) -> TaskStatus:
     now = time.time() if now is None else now
     recent = store.reservoir(policy.task, limit=RATE_SAMPLE_ROWS)
     model_version = recent[-1].model_version if recent else None
@@ -85,7 +94,20 @@ def task_status(policy: Policy, store: SampleStore, now: float | None = None) ->
         drift_share=drift_share,
         last_check=last_check,
         alerts=store.last_alerts(policy.task, limit=5),
+        **_registry_fields(registry),
     )
+
+
+def _registry_fields(registry: ModelRegistry | None) -> dict[str, Any]:
+    if registry is None:
+        return {}
+    manifests = registry.list()
+    shadow = [m.version for m in manifests if m.state == "shadow"]
+    return {
+        "registry_live": registry.live_version(),
+        "in_shadow": shadow[-1] if shadow else None,
+        "versions": len(manifests),
+    }
 
 
 def _drift_of(policy: Policy, store: SampleStore) -> tuple[str, float | None, str | None]:
@@ -108,6 +130,12 @@ def _drift_of(policy: Policy, store: SampleStore) -> tuple[str, float | None, st
 def format_status(status: TaskStatus) -> str:
     lines = [f"task {status.task}"]
     lines.append(f"  live model version   {status.model_version or '(no traffic yet)'}")
+    if status.versions:
+        shadow = f", {status.in_shadow} in shadow" if status.in_shadow else ""
+        lines.append(
+            f"  registry             {status.versions} versions, live {status.registry_live}"
+            f"{shadow}"
+        )
     lines.append(f"  traffic              {status.requests_per_s:.2f} requests/s (last 5 min)")
     lines.append(f"  comparisons stored   {status.comparisons}")
     if status.metric is None:
