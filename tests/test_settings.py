@@ -267,3 +267,50 @@ def test_every_invalid_variable_is_listed(monkeypatch: pytest.MonkeyPatch) -> No
 def test_settings_class_reads_env_directly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTILLD_STATE_DIR", "/var/lib/distilld")
     assert Settings().state_dir == Path("/var/lib/distilld")
+
+
+def test_secrets_come_from_files_and_never_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret_file = tmp_path / "sasl-password"
+    secret_file.write_text(SECRET + "\n")
+    monkeypatch.setenv("DISTILLD_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("DISTILLD_KAFKA_SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("DISTILLD_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("DISTILLD_KAFKA_SASL_PASSWORD_FILE", str(secret_file))
+    monkeypatch.setenv("DISTILLD_ADMIN_TOKEN", SECRET)
+
+    settings = load_settings()
+    kafka = settings.kafka("broker:9092")
+
+    assert kafka.security["sasl_plain_password"] == SECRET  # the newline dropped
+    for shown in (repr(settings), str(settings.model_dump()), repr(kafka), str(kafka)):
+        assert SECRET not in shown
+
+    # Both a value and a file: refused, naming the variables only.
+    monkeypatch.setenv("DISTILLD_KAFKA_SASL_PASSWORD", SECRET)
+    with pytest.raises(ConfigError) as both:
+        load_settings().kafka("broker:9092")
+    assert "DISTILLD_KAFKA_SASL_PASSWORD or DISTILLD_KAFKA_SASL_PASSWORD_FILE" in str(both.value)
+    assert SECRET not in str(both.value)
+    monkeypatch.delenv("DISTILLD_KAFKA_SASL_PASSWORD")
+
+    secret_file.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings().kafka("broker:9092")
+    secret_file.unlink()
+    with pytest.raises(ConfigError, match="cannot read the secret"):
+        load_settings().kafka("broker:9092")
+
+
+def test_an_invalid_secret_setting_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLD_ADMIN_TOKEN_FILE", "")  # not a path
+    monkeypatch.setenv("DISTILLD_HTTP_PORT", "99999")
+
+    with pytest.raises(ConfigError) as invalid:
+        load_settings(admin_token=["not", "a", SECRET])
+
+    message = str(invalid.value)
+    assert "DISTILLD_HTTP_PORT" in message and "99999" in message
+    assert "DISTILLD_ADMIN_TOKEN" in message and "(received (hidden))" in message
+    assert SECRET not in message

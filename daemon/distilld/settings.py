@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = Field(
+        default=None, description="File holding the SASL password (e.g. a container secret)."
+    )
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
@@ -82,6 +85,23 @@ class Settings(BaseSettings):
         description="Dead-letter topic for records whose topic no policy owns.",
     )
 
+    # HTTP operations endpoints (health, readiness, metrics, admin API).
+    http_enabled: bool = Field(default=True, description="Serve the HTTP endpoints.")
+    http_host: str = Field(
+        default="127.0.0.1",
+        description="Address the HTTP endpoints bind to; 0.0.0.0 to reach them from outside "
+        "(a container).",
+    )
+    http_port: int = Field(default=8080, ge=0, le=65535, description="0: a free port.")
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token every mutating admin call must carry. Unset (and no "
+        "admin_token_file): mutating admin calls are refused.",
+    )
+    admin_token_file: Path | None = Field(
+        default=None, description="File holding the admin token (e.g. a container secret)."
+    )
+
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
@@ -124,8 +144,13 @@ class Settings(BaseSettings):
                 )
             security["sasl_mechanism"] = self.kafka_sasl_mechanism
             security["sasl_plain_username"] = self.kafka_sasl_username
-            if self.kafka_sasl_password is not None:
-                security["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+            password = secret_value(
+                self.kafka_sasl_password,
+                self.kafka_sasl_password_file,
+                "DISTILLD_KAFKA_SASL_PASSWORD",
+            )
+            if password is not None:
+                security["sasl_plain_password"] = password.get_secret_value()
         if self.kafka_security_protocol.endswith("SSL"):
             for key, value in (
                 ("ssl_cafile", self.kafka_ssl_cafile),
@@ -141,6 +166,25 @@ class Settings(BaseSettings):
             max_message_bytes=self.kafka_max_message_bytes,
             security=security,
         )
+
+
+def secret_value(value: SecretStr | None, file: Path | None, variable: str) -> SecretStr | None:
+    """A secret from its variable, or from the file ``VARIABLE_FILE`` names (trailing
+    newline dropped); never both. Errors name the file, never the content."""
+    if value is not None and file is not None:
+        raise ConfigError(f"set {variable} or {variable}_FILE, not both")
+    if file is None:
+        return value
+    try:
+        text = file.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{variable}_FILE={file}: cannot read the secret ({type(exc).__name__}); the file "
+            "must exist and be readable by the daemon's user"
+        ) from None
+    if not text:
+        raise ConfigError(f"{variable}_FILE={file} is empty")
+    return SecretStr(text)
 
 
 @dataclass(frozen=True)
@@ -166,9 +210,11 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines = [
-            f"DISTILLD_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']} "
-            f"(received {err.get('input')!r})"
-            for err in exc.errors()
-        ]
+        lines = []
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper()
+            # A secret that failed validation is still a secret.
+            hidden = any(word in name for word in ("PASSWORD", "TOKEN", "KEY", "SECRET"))
+            received = "(hidden)" if hidden else repr(err.get("input"))
+            lines.append(f"DISTILLD_{name}: {err['msg']} (received {received})")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

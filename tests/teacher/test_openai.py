@@ -18,9 +18,11 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from distilld.errors import BackendError, BackendUnavailable, ConfigError, PolicyError
 from distilld.log import configure_logging
@@ -619,3 +621,25 @@ def test_concurrency_is_bounded(server: FakeOpenAIServer, teachers: list[OpenAIT
     answers = teacher.label([f"r{i}" for i in range(8)])
     assert len(answers) == 8
     assert 1 <= server.most_in_flight <= 2
+
+
+def test_the_key_can_come_from_a_file_and_is_never_shown(
+    tmp_path: Path, server: FakeOpenAIServer, teachers: list[OpenAITeacher]
+) -> None:
+    key_file = tmp_path / "teacher-key"
+    key_file.write_text(SECRET + "\n")
+    teacher = make_teacher(server, api_key_file=str(key_file))
+    teachers.append(teacher)
+
+    assert teacher.label(["x"])[0].error is None
+    assert server.requests[-1]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in repr(teacher)
+
+    with pytest.raises(ValidationError, match="not both"):
+        OpenAITeacherConfig(
+            base_url=server.base_url, model="m", api_key_env="K", api_key_file=str(key_file)
+        )
+    key_file.unlink()
+    with pytest.raises(ConfigError, match="cannot read the teacher's API key file") as missing:
+        make_teacher(server, api_key_file=str(key_file))
+    assert SECRET not in str(missing.value)

@@ -65,6 +65,12 @@ class OpenAITeacherConfig(_Strict):
         description="Name of the environment variable holding the API key (sent as a Bearer "
         "token). Never the key itself. Unset: no Authorization header.",
     )
+    api_key_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="File holding the API key (e.g. a container secret at /run/secrets/...), "
+        "instead of api_key_env. Never the key itself.",
+    )
     prompt: str | None = Field(
         default=None,
         description="Prompt template with {input} for the teacher. Default: the policy's prompt.",
@@ -128,6 +134,11 @@ class OpenAITeacherConfig(_Strict):
                 "backoff_max_s",
                 f"backoff_max_s ({self.backoff_max_s}) must be at least backoff_base_s "
                 f"({self.backoff_base_s})",
+            )
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise PolicyFieldError(
+                "api_key_file",
+                "set api_key_env or api_key_file, not both (the key comes from one place)",
             )
         return self
 

@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -137,6 +138,9 @@ class OpenAITeacher:
                     f"export {config.api_key_env} in the daemon's environment, or remove "
                     "teacher.api_key_env for an endpoint without authentication"
                 )
+        elif config.api_key_file is not None:
+            key = _read_key_file(Path(config.api_key_file))
+        if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         self._redact = _Redactor(key)
 
@@ -407,6 +411,20 @@ class OpenAITeacher:
             error=prediction.error,
             top_logprobs=token_top_logprobs(tokens) if prediction.error is None else None,
         )
+
+
+def _read_key_file(path: Path) -> str:
+    """The API key in ``path`` (trailing newline dropped); errors never show the content."""
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read the teacher's API key file {path} ({type(exc).__name__}); "
+            "teacher.api_key_file must name a file the daemon's user can read"
+        ) from None
+    if not key:
+        raise ConfigError(f"the teacher's API key file {path} is empty")
+    return key
 
 
 def token_top_logprobs(tokens: list[dict[str, Any]]) -> tuple[dict[str, float], ...] | None:
