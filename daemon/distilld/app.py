@@ -111,17 +111,25 @@ def adopt_policy_student(policy: Policy, settings: Settings, registry: ModelRegi
     name = model_dir.name
     taken = re.fullmatch(VERSION_PATTERN, name) is None or registry.path(name).exists()
     reference = REFERENCE_FILE if (model_dir / REFERENCE_FILE).is_file() else None
-    version = registry.register(
-        model_dir,
-        Manifest(
-            version="" if taken else name,
-            task=policy.task,
-            reference_distribution=reference,
-            extra={"adopted_from": str(model_dir)},
-        ),
-        copy=True,
-    )
-    registry.promote(version)
+    try:
+        version = registry.register(
+            model_dir,
+            Manifest(
+                version="" if taken else name,
+                task=policy.task,
+                reference_distribution=reference,
+                extra={"adopted_from": str(model_dir)},
+            ),
+            copy=True,
+        )
+    except RegistryError:
+        # Another replica sharing the registry adopted it first.
+        if registry.live_version() is not None:
+            return
+        if taken or not registry.path(name).is_dir():
+            raise
+        version = name
+    registry.promote(version)  # promoting the live version again changes nothing
     get_logger("retrain").info(
         "registry.adopted",
         task=policy.task,
