@@ -1,0 +1,636 @@
+"""The ops HTTP server, called over real HTTP on a free loopback port.
+
+Probes, the metrics collector and the admin actions are stand-ins (``Fake*``,
+``fake_*``): they record calls or raise the errors the real ones raise.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from pydantic import SecretStr
+
+from distilld.errors import ConfigError, RegistryError, StoreError
+from distilld.log import configure_logging
+from distilld.ops import (
+    AdminActions,
+    MetricsSnapshot,
+    NotFoundError,
+    OpsConfig,
+    OpsServer,
+    Probe,
+    ProbeResult,
+    TaskMetrics,
+    admin_token_from,
+    render,
+)
+
+TOKEN = "tok-3f9a1c-planted-secret-7d2e"
+
+
+class FakeAdmin:
+    """Stand-in for the app's admin actions: records calls; task ``broken`` and a few
+    versions raise the errors the real registry and manager raise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def status(self) -> Mapping[str, Any]:
+        self.calls.append(("status",))
+        return {"tasks": {"sentiment": {"live_version": "v0002"}}}
+
+    def retrain(self, task: str) -> Mapping[str, Any]:
+        self.calls.append(("retrain", task))
+        self._check(task)
+        if task == "no-retraining":
+            raise ConfigError(f"task {task!r} does not retrain: its policy has no retraining")
+        return {"task": task, "started": True}
+
+    def promote(self, task: str, version: str) -> Mapping[str, Any]:
+        self.calls.append(("promote", task, version))
+        self._check(task)
+        if version == "v0404":
+            raise NotFoundError(f"version {version!r} is not in the registry of {task}")
+        if version == "v0409":
+            raise RegistryError("the registry stayed locked by another process for 60 s")
+        if version == "v0500":
+            raise RuntimeError("disk on fire at /secret/internal/path")
+        return {"task": task, "live": version}
+
+    def rollback(self, task: str) -> Mapping[str, Any]:
+        self.calls.append(("rollback", task))
+        self._check(task)
+        return {"task": task, "live": "v0001"}
+
+    @staticmethod
+    def _check(task: str) -> None:
+        if task not in ("sentiment", "no-retraining"):
+            raise NotFoundError(f"no task named {task!r}")
+
+
+def fake_collect() -> MetricsSnapshot:
+    """Stand-in for the app's collector."""
+    return MetricsSnapshot({"sentiment": TaskMetrics(requests=5, live_version="v0002")})
+
+
+StartServer = Callable[..., OpsServer]
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        yield client
+
+
+@pytest.fixture
+def start() -> Iterator[StartServer]:
+    """Starts servers on port 0 and stops them after the test."""
+    servers: list[OpsServer] = []
+
+    def _start(
+        token: str | SecretStr | None = TOKEN,
+        probes: Mapping[str, Probe] | None = None,
+        collect: Callable[[], MetricsSnapshot] = fake_collect,
+        admin: AdminActions | None = None,
+        **config: Any,
+    ) -> OpsServer:
+        server = OpsServer(
+            OpsConfig(port=0, admin_token=token, **config),
+            probes,
+            collect,
+            FakeAdmin() if admin is None else admin,
+        )
+        servers.append(server.start())
+        return server
+
+    yield _start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[None]:
+    """Debug-level JSON logs on stdout for the test; the previous configuration after."""
+    saved = structlog.get_config()
+    configure_logging("DEBUG", "json")
+    yield
+    structlog.reset_defaults()
+    structlog.configure(**saved)
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ------------------------------------------------------------------ health and readiness
+
+
+def test_healthz_answers_alive(start: StartServer, http: httpx.Client) -> None:
+    server = start()
+    reply = http.get(f"{server.url}/healthz")
+    assert reply.status_code == 200
+    assert reply.json() == {"status": "alive"}
+    assert reply.headers["content-type"] == "application/json"
+    head = http.head(f"{server.url}/healthz")
+    assert head.status_code == 200
+    assert head.content == b""
+
+
+def test_readyz_passes_when_every_probe_passes(start: StartServer, http: httpx.Client) -> None:
+    server = start(probes={"broker": lambda: True, "student:sentiment": lambda: ProbeResult(True)})
+    reply = http.get(f"{server.url}/readyz")
+    assert reply.status_code == 200
+    assert reply.json() == {
+        "status": "ready",
+        "probes": {"broker": {"ok": True}, "student:sentiment": {"ok": True}},
+    }
+
+
+def test_readyz_without_probes_is_ready(start: StartServer, http: httpx.Client) -> None:
+    assert http.get(f"{start().url}/readyz").status_code == 200
+
+
+def test_readyz_names_each_failing_probe_and_why(start: StartServer, http: httpx.Client) -> None:
+    def fake_broker() -> ProbeResult:
+        return ProbeResult(False, "consumer group distilld-sentiment has not joined yet")
+
+    def fake_student_down() -> bool:
+        raise StoreError("the vLLM server at http://127.0.0.1:9/ refused the connection")
+
+    def fake_student_bug() -> bool:
+        raise ZeroDivisionError("internal detail")
+
+    server = start(
+        probes={
+            "broker": fake_broker,
+            "student:sentiment": fake_student_down,
+            "student:address": fake_student_bug,
+            "student:other": lambda: False,
+            "store": lambda: True,
+        }
+    )
+    reply = http.get(f"{server.url}/readyz")
+    assert reply.status_code == 503
+    body = reply.json()
+    assert body["status"] == "not ready"
+    assert body["failing"] == {
+        "broker": "consumer group distilld-sentiment has not joined yet",
+        "student:sentiment": "the vLLM server at http://127.0.0.1:9/ refused the connection",
+        "student:address": "the probe raised ZeroDivisionError (see the log)",
+        "student:other": "not ready",
+    }
+    assert body["probes"]["store"] == {"ok": True}
+    assert "internal detail" not in reply.text
+    assert "Traceback" not in reply.text
+
+
+def test_a_hanging_probe_fails_after_the_timeout(start: StartServer, http: httpx.Client) -> None:
+    release = threading.Event()
+
+    def fake_stuck_backend() -> bool:
+        release.wait(10)
+        return True
+
+    server = start(probes={"student:slow": fake_stuck_backend}, probe_timeout_s=0.2)
+    try:
+        began = time.monotonic()
+        reply = http.get(f"{server.url}/readyz")
+        assert time.monotonic() - began < 3
+        assert reply.status_code == 503
+        assert reply.json()["failing"] == {"student:slow": "no answer within 0.2 s"}
+        # the server keeps answering other requests meanwhile
+        assert http.get(f"{server.url}/healthz").status_code == 200
+    finally:
+        release.set()
+
+
+def test_readiness_follows_the_probes(start: StartServer, http: httpx.Client) -> None:
+    joined = threading.Event()
+    server = start(probes={"broker": joined.is_set})
+    assert http.get(f"{server.url}/readyz").status_code == 503
+    joined.set()
+    assert http.get(f"{server.url}/readyz").status_code == 200
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_metrics_are_the_rendered_snapshot_collected_at_each_scrape(
+    start: StartServer, http: httpx.Client
+) -> None:
+    counter = {"n": 0}
+
+    def fake_counting_collect() -> MetricsSnapshot:
+        counter["n"] += 1
+        return MetricsSnapshot({"sentiment": TaskMetrics(requests=counter["n"])})
+
+    server = start(collect=fake_counting_collect)
+    first = http.get(f"{server.url}/metrics")
+    assert first.status_code == 200
+    assert first.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert first.text == render(MetricsSnapshot({"sentiment": TaskMetrics(requests=1)}))
+    second = http.get(f"{server.url}/metrics")
+    assert 'distilld_requests_total{task="sentiment"} 2' in second.text.splitlines()
+
+
+def test_a_failing_collector_gives_a_json_500_without_traceback(
+    start: StartServer, http: httpx.Client, debug_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fake_broken_collect() -> MetricsSnapshot:
+        raise KeyError("stats of a loop that is gone")
+
+    server = start(collect=fake_broken_collect)
+    reply = http.get(f"{server.url}/metrics")
+    assert reply.status_code == 500
+    body = reply.json()
+    assert body["error"] == "internal error; see the daemon log"
+    assert "loop that is gone" not in reply.text
+    assert "Traceback" not in reply.text
+    out = capsys.readouterr().out
+    assert body["error_id"] in out
+    assert "ops.request_failed" in out
+    assert "Traceback" in out  # the log has it
+
+
+# ------------------------------------------------------------------ admin API
+
+
+def test_admin_status_is_the_actions_status(start: StartServer, http: httpx.Client) -> None:
+    server = start()
+    reply = http.get(f"{server.url}/admin/status")
+    assert reply.status_code == 200
+    assert reply.json() == {"tasks": {"sentiment": {"live_version": "v0002"}}}
+
+
+@pytest.mark.parametrize(
+    ("path", "call", "result"),
+    [
+        (
+            "/admin/retrain/sentiment",
+            ("retrain", "sentiment"),
+            {"task": "sentiment", "started": True},
+        ),
+        (
+            "/admin/promote/sentiment/v0003",
+            ("promote", "sentiment", "v0003"),
+            {"task": "sentiment", "live": "v0003"},
+        ),
+        (
+            "/admin/rollback/sentiment",
+            ("rollback", "sentiment"),
+            {"task": "sentiment", "live": "v0001"},
+        ),
+    ],
+)
+def test_admin_posts_with_the_right_token_call_the_actions(
+    start: StartServer,
+    http: httpx.Client,
+    path: str,
+    call: tuple[str, ...],
+    result: dict[str, Any],
+) -> None:
+    admin = FakeAdmin()
+    server = start(admin=admin)
+    reply = http.post(f"{server.url}{path}", headers=bearer())
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == result
+    assert admin.calls == [call]
+
+
+ADMIN_POSTS = [
+    "/admin/retrain/sentiment",
+    "/admin/promote/sentiment/v0003",
+    "/admin/rollback/sentiment",
+]
+
+
+@pytest.mark.parametrize("path", ADMIN_POSTS)
+def test_admin_posts_are_refused_when_no_token_is_configured(
+    start: StartServer, http: httpx.Client, path: str
+) -> None:
+    admin = FakeAdmin()
+    server = start(token=None, admin=admin)
+    for headers in ({}, bearer(), bearer("other")):
+        reply = http.post(f"{server.url}{path}", headers=headers)
+        assert reply.status_code == 403
+        assert "DISTILLD_ADMIN_TOKEN" in reply.json()["error"]
+        assert "DISTILLD_ADMIN_TOKEN_FILE" in reply.json()["error"]
+    assert admin.calls == []
+
+
+@pytest.mark.parametrize("path", ADMIN_POSTS)
+@pytest.mark.parametrize(
+    ("headers", "invalid_token"),
+    [
+        ({}, False),
+        ({"Authorization": "Bearer"}, False),
+        ({"Authorization": f"Basic {TOKEN}"}, False),
+        ({"Authorization": TOKEN}, False),
+        (bearer("wrong-token"), True),
+        (bearer(TOKEN[:-1]), True),
+        (bearer(TOKEN + "x"), True),
+        (bearer(TOKEN.upper()), True),
+    ],
+)
+def test_admin_posts_with_a_missing_or_wrong_token_get_401(
+    start: StartServer,
+    http: httpx.Client,
+    path: str,
+    headers: dict[str, str],
+    invalid_token: bool,
+) -> None:
+    admin = FakeAdmin()
+    server = start(admin=admin)
+    reply = http.post(f"{server.url}{path}", headers=headers)
+    assert reply.status_code == 401
+    challenge = reply.headers["www-authenticate"]
+    assert challenge.startswith("Bearer")
+    assert ('error="invalid_token"' in challenge) is invalid_token
+    assert "error" in reply.json()
+    assert admin.calls == []
+
+
+def test_the_bearer_scheme_is_case_insensitive(start: StartServer, http: httpx.Client) -> None:
+    server = start(token=SecretStr(TOKEN))
+    reply = http.post(
+        f"{server.url}/admin/rollback/sentiment", headers={"Authorization": f"bearer {TOKEN}"}
+    )
+    assert reply.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/admin/retrain/unknown-task", 404, "no task named 'unknown-task'"),
+        ("/admin/rollback/unknown-task", 404, "no task named 'unknown-task'"),
+        ("/admin/promote/unknown-task/v0001", 404, "no task named 'unknown-task'"),
+        ("/admin/promote/sentiment/v0404", 404, "not in the registry"),
+        ("/admin/retrain/Not%20A%20Task", 404, "no task named 'Not A Task'"),
+        ("/admin/promote/sentiment/-v1", 400, "invalid version name"),
+        ("/admin/promote/sentiment/v%2F1", 400, "invalid version name 'v/1'"),
+        ("/admin/promote/sentiment/%2E%2E", 400, "invalid version name '..'"),
+        ("/admin/retrain/no-retraining", 400, "does not retrain"),
+        ("/admin/promote/sentiment/v0409", 409, "stayed locked"),
+    ],
+)
+def test_admin_errors_map_to_statuses_with_the_message(
+    start: StartServer, http: httpx.Client, path: str, status: int, message: str
+) -> None:
+    server = start()
+    reply = http.post(f"{server.url}{path}", headers=bearer())
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["error"]
+
+
+def test_an_unexpected_admin_failure_is_a_500_without_details(
+    start: StartServer, http: httpx.Client
+) -> None:
+    server = start()
+    reply = http.post(f"{server.url}/admin/promote/sentiment/v0500", headers=bearer())
+    assert reply.status_code == 500
+    assert set(reply.json()) == {"error", "error_id"}
+    assert "disk on fire" not in reply.text
+    assert "/secret/internal/path" not in reply.text
+
+
+def test_without_admin_actions_the_admin_api_is_404(http: httpx.Client) -> None:
+    with OpsServer(OpsConfig(port=0, admin_token=TOKEN), collect=fake_collect) as server:
+        assert http.get(f"{server.url}/admin/status").status_code == 404
+        reply = http.post(f"{server.url}/admin/rollback/sentiment", headers=bearer())
+        assert reply.status_code == 404
+        # auth still comes first
+        assert http.post(f"{server.url}/admin/rollback/sentiment").status_code == 401
+
+
+def test_request_bodies_are_read_and_large_ones_refused(
+    start: StartServer, http: httpx.Client
+) -> None:
+    server = start()
+    ok = http.post(
+        f"{server.url}/admin/retrain/sentiment", headers=bearer(), json={"why": "manual"}
+    )
+    assert ok.status_code == 200
+    big = http.post(
+        f"{server.url}/admin/retrain/sentiment", headers=bearer(), content=b"x" * 100_000
+    )
+    assert big.status_code == 413
+
+
+# ------------------------------------------------------------------ routing
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/health", "/healthz/", "/metrics/x", "/admin", "/admin/retrain", "/admin/x"]
+)
+def test_unknown_paths_are_404(start: StartServer, http: httpx.Client, path: str) -> None:
+    server = start()
+    for method in ("GET", "POST"):
+        reply = http.request(method, f"{server.url}{path}", headers=bearer())
+        assert reply.status_code == 404
+        assert reply.json()["error"].startswith("no such endpoint")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/readyz", "GET, HEAD"),
+        ("PUT", "/metrics", "GET, HEAD"),
+        ("POST", "/admin/status", "GET, HEAD"),
+        ("GET", "/admin/retrain/sentiment", "POST"),
+        ("GET", "/admin/promote/sentiment/v0003", "POST"),
+        ("DELETE", "/admin/rollback/sentiment", "POST"),
+        ("PATCH", "/admin/rollback/sentiment", "POST"),
+    ],
+)
+def test_wrong_methods_are_405_with_allow(
+    start: StartServer, http: httpx.Client, method: str, path: str, allow: str
+) -> None:
+    admin = FakeAdmin()
+    server = start(admin=admin)
+    reply = http.request(method, f"{server.url}{path}", headers=bearer())
+    assert reply.status_code == 405
+    assert reply.headers["allow"] == allow
+    assert "not allowed" in reply.json()["error"]
+    assert admin.calls == []
+
+
+def test_an_unknown_method_gets_a_json_501(start: StartServer, http: httpx.Client) -> None:
+    reply = http.request("BREW", f"{start().url}/healthz")
+    assert reply.status_code == 501
+    assert "error" in reply.json()
+
+
+def test_a_query_string_does_not_change_the_route(start: StartServer, http: httpx.Client) -> None:
+    assert http.get(f"{start().url}/healthz?verbose=1").status_code == 200
+
+
+# ------------------------------------------------------------------ the token never leaks
+
+
+def test_the_token_never_appears_in_logs_bodies_headers_or_reprs(
+    start: StartServer,
+    http: httpx.Client,
+    debug_logs: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class FakeEchoingAdmin(FakeAdmin):
+        """Stand-in whose errors echo the token, as a careless action might."""
+
+        def rollback(self, task: str) -> Mapping[str, Any]:
+            raise RegistryError(f"refused; header was Bearer {TOKEN}")
+
+        def retrain(self, task: str) -> Mapping[str, Any]:
+            raise RuntimeError(f"boom {TOKEN}")
+
+    def fake_leaky_probe() -> bool:
+        raise ConfigError(f"probe saw {TOKEN}")
+
+    def fake_leaky_probe_bug() -> bool:
+        raise ValueError(f"probe bug {TOKEN}")
+
+    config = OpsConfig(port=0, admin_token=TOKEN)
+    server = start(
+        token=TOKEN,
+        admin=FakeEchoingAdmin(),
+        probes={"a": fake_leaky_probe, "b": fake_leaky_probe_bug},
+    )
+    replies = [
+        http.get(f"{server.url}/healthz"),
+        http.get(f"{server.url}/readyz"),
+        http.get(f"{server.url}/metrics"),
+        http.get(f"{server.url}/admin/status"),
+        http.post(f"{server.url}/admin/promote/sentiment/v0003", headers=bearer()),  # ok
+        http.post(f"{server.url}/admin/rollback/sentiment", headers=bearer()),  # 409
+        http.post(f"{server.url}/admin/retrain/sentiment", headers=bearer()),  # 500
+        http.post(f"{server.url}/admin/retrain/sentiment", headers=bearer("wrong")),  # 401
+        http.post(f"{server.url}/admin/retrain/sentiment"),  # 401
+        http.get(f"{server.url}/admin/retrain/sentiment", headers=bearer()),  # 405
+        http.post(f"{server.url}/admin/nope/{TOKEN}", headers=bearer()),  # 404 path
+        http.post(f"{server.url}/admin/retrain/{TOKEN}", headers=bearer()),  # 500, as a task
+        http.post(f"{server.url}/admin/promote/sentiment/{TOKEN}", headers=bearer()),  # 200
+    ]
+    assert [r.status_code for r in replies] == [
+        200, 503, 200, 200, 200, 409, 500, 401, 401, 405, 404, 500, 200,
+    ]  # fmt: skip
+    for reply in replies:
+        assert TOKEN not in reply.text
+        assert all(TOKEN not in value for value in reply.headers.values())
+    assert "**********" in replies[5].text  # the echoed token was masked
+    assert TOKEN not in repr(config)
+    assert TOKEN not in str(config)
+    assert TOKEN not in repr(server)
+    assert TOKEN not in repr(config.token)
+    server.stop()
+    captured = capsys.readouterr()
+    assert "ops.request" in captured.out  # debug request logs were written
+    assert "ops.request_failed" in captured.out
+    assert "ops.admin_unauthorized" in captured.out
+    assert TOKEN not in captured.out
+    assert TOKEN not in captured.err
+
+
+# ------------------------------------------------------------------ config and lifecycle
+
+
+def test_config_defaults_bind_to_loopback() -> None:
+    config = OpsConfig()
+    assert (config.host, config.port, config.token) == ("127.0.0.1", 8080, None)
+
+
+def test_a_plain_string_token_becomes_a_secret() -> None:
+    config = OpsConfig(admin_token=TOKEN)
+    assert isinstance(config.admin_token, SecretStr)
+    assert config.token is not None and config.token.get_secret_value() == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"admin_token": ""}, "admin token is empty"),
+        ({"admin_token": SecretStr("  \n")}, "admin token is empty"),
+        ({"port": 70000}, "DISTILLD_HTTP_PORT"),
+        ({"port": -1}, "DISTILLD_HTTP_PORT"),
+        ({"probe_timeout_s": 0}, "probe_timeout_s"),
+    ],
+)
+def test_invalid_config_is_a_config_error(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        OpsConfig(**kwargs)
+
+
+def test_admin_token_from_the_variable_or_the_file(tmp_path: Path) -> None:
+    assert admin_token_from(None, None) is None
+    direct = admin_token_from(SecretStr(TOKEN), None)
+    assert direct is not None and direct.get_secret_value() == TOKEN
+    path = tmp_path / "token"
+    path.write_text(f"{TOKEN}\n", encoding="utf-8")
+    from_file = admin_token_from(None, path)
+    assert from_file is not None and from_file.get_secret_value() == TOKEN
+    with pytest.raises(ConfigError, match="set only one"):
+        admin_token_from(SecretStr(TOKEN), path)
+    empty = tmp_path / "empty"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="is empty"):
+        admin_token_from(None, empty)
+    with pytest.raises(ConfigError, match="cannot read") as info:
+        admin_token_from(None, tmp_path / "missing")
+    assert TOKEN not in str(info.value)
+
+
+def test_port_zero_binds_a_free_loopback_port_and_stop_closes_it(http: httpx.Client) -> None:
+    server = OpsServer(OpsConfig(port=0))
+    with pytest.raises(RuntimeError):
+        _ = server.port
+    with server:
+        port = server.port
+        assert port > 0
+        assert server.url == f"http://127.0.0.1:{port}"
+        assert http.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        # the metrics of a server without a collector: HELP and TYPE only
+        assert http.get(f"{server.url}/metrics").status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        http.get(f"http://127.0.0.1:{port}/healthz")
+    assert not any(t.name == "ops-http" and t.is_alive() for t in threading.enumerate())
+    server.stop()  # idempotent
+
+
+def test_a_taken_port_is_a_config_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="DISTILLD_HTTP_PORT"):
+            OpsServer(OpsConfig(port=port)).start()
+
+
+def test_requests_are_served_concurrently(start: StartServer, http: httpx.Client) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+
+    def fake_slow_status_admin_probe() -> bool:
+        entered.set()
+        release.wait(5)
+        return True
+
+    server = start(probes={"slow": fake_slow_status_admin_probe}, probe_timeout_s=5)
+    results: list[int] = []
+    worker = threading.Thread(
+        target=lambda: results.append(http.get(f"{server.url}/readyz").status_code)
+    )
+    worker.start()
+    try:
+        assert entered.wait(5)
+        assert http.get(f"{server.url}/healthz").status_code == 200
+    finally:
+        release.set()
+        worker.join(5)
+    assert results == [200]
