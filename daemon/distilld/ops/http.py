@@ -25,14 +25,10 @@ sent to the client). Every request is logged at debug level (component ``ops``).
 
 Wiring (``app.py``)
 -------------------
-Settings (``DISTILLD_`` prefix) to add in ``settings.py``::
-
-    http_host: str = "127.0.0.1"          # DISTILLD_HTTP_HOST
-    http_port: int = Field(8080, ge=0, le=65535)   # DISTILLD_HTTP_PORT (0: any free port)
-    admin_token: SecretStr | None = None  # DISTILLD_ADMIN_TOKEN
-    admin_token_file: Path | None = None  # DISTILLD_ADMIN_TOKEN_FILE (e.g. a mounted secret)
-
-then, in ``running_daemon`` once the loops are started::
+Settings (``DISTILLD_`` prefix, in ``settings.py``): ``http_enabled``, ``http_host``
+(default 127.0.0.1), ``http_port`` (default 8080; 0: any free port), ``admin_token``
+(``SecretStr``) and ``admin_token_file`` (e.g. a mounted container secret);
+then, in ``running_daemon`` once the loops are started (when ``http_enabled``)::
 
     config = OpsConfig(
         host=settings.http_host,
