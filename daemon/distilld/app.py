@@ -30,6 +30,8 @@ from distilld.modelpaths import resolve_model_dir
 from distilld.monitoring.config import MonitorsConfig
 from distilld.monitoring.features import REFERENCE_FILE, Reference, load_reference
 from distilld.monitoring.measure import CheckOutcome, run_check
+from distilld.ops.daemon import DaemonAdmin, DaemonMetrics, readiness_probes
+from distilld.ops.http import OpsConfig, OpsServer, admin_token_from
 from distilld.policy.evaluate import Verdict
 from distilld.policy.model import Architecture, Policy, TaskKind, VllmPolicy
 from distilld.policy.watch import PolicyWatcher
@@ -590,6 +592,48 @@ def start_retraining(
     return manager
 
 
+def start_ops(
+    settings: Settings,
+    stack: ExitStack,
+    policies: dict[str, Policy],
+    loops: list[ServingLoop],
+    students: Students,
+    teachers: dict[str, Teacher],
+    registries: dict[str, ModelRegistry],
+    monitoring: Monitoring,
+    retraining: RetrainManager | None,
+) -> OpsServer | None:
+    """The HTTP endpoints (health, readiness, metrics, admin API), unless disabled."""
+    if not settings.http_enabled:
+        return None
+    config = OpsConfig(
+        host=settings.http_host,
+        port=settings.http_port,
+        admin_token=admin_token_from(settings.admin_token, settings.admin_token_file),
+    )
+    server = OpsServer(
+        config,
+        probes=readiness_probes(loops, students.backends),
+        collect=DaemonMetrics(
+            policies,
+            loops,
+            students.backends,
+            teachers,
+            monitoring.store,
+            monitoring.shadow,
+            retraining,
+        ),
+        admin=DaemonAdmin(policies, monitoring.store, registries, retraining),
+    )
+    stack.enter_context(server)
+    get_logger("ops").info(
+        "ops.listening",
+        url=server.url,
+        admin="enabled" if config.token is not None else "read-only (no DISTILLD_ADMIN_TOKEN)",
+    )
+    return server
+
+
 def _state_file(settings: Settings, path: str) -> Path:
     """A file a policy names: absolute, or relative to the policies directory."""
     candidate = Path(path)
@@ -667,6 +711,7 @@ class RunningDaemon:
     monitoring: Monitoring
     retraining: RetrainManager | None = None
     students: Students | None = None
+    ops: OpsServer | None = None
 
     def stats(self) -> list[ServingStats]:
         return [loop.stats for loop in self.loops]
@@ -742,11 +787,23 @@ def running_daemon(
         stack.callback(stop.set)
         for thread in threads:
             thread.start()
+        ops = start_ops(
+            settings,
+            stack,
+            policies,
+            loops,
+            students,
+            teachers,
+            registries,
+            monitoring,
+            retraining,
+        )
         log.info(
             "daemon.started",
             tasks=sorted(policies),
             consumer_groups=sorted(groups),
             bootstrap_servers=kafka.bootstrap_servers,
+            http=ops.url if ops is not None else None,
         )
         yield RunningDaemon(
             kafka=kafka,
@@ -756,6 +813,7 @@ def running_daemon(
             monitoring=monitoring,
             retraining=retraining,
             students=students,
+            ops=ops,
         )
     log.info("daemon.stopped")
 

@@ -183,10 +183,11 @@ def test_a_failed_job_alerts_once_and_the_live_version_keeps_serving(tmp_path: P
     (tmp_path / "base").mkdir()  # an empty directory: no model to train from
     manager = manager_for(tmp_path, policy(gate={"min_test_examples": 10}), registry, slot, store)
 
-    assert manager.request("reviews", "manual")
+    assert manager.request("reviews", "manual").start
     assert manager.wait_idle("reviews", 120)
 
     assert kinds(store) == ["retrain.started", "retrain.failed"]
+    assert manager.outcomes("reviews") == {"started": 1, "failed": 1}
     failed = store.last_alerts("reviews", limit=1)[0]
     assert "TrainingError" in failed.payload["error"]
     assert "live student keeps serving" in failed.payload["action"]
@@ -306,6 +307,7 @@ def test_a_request_file_starts_a_retraining_and_is_consumed(tmp_path: Path) -> N
     requested = store.last_alerts("reviews", limit=1)[0]
     assert requested.kind == "retrain.requested"
     assert requested.payload["started"] is False  # the policy forbids it by hand
+    assert requested.payload["why"] == "retraining by hand is disabled in the policy"
 
 
 def test_retraining_config_defaults_match_the_readme() -> None:

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
     BackgroundScheduler,
@@ -52,7 +52,13 @@ from distilld.policy.evaluate import Status
 from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
-from distilld.retrain.decide import Trigger, may_start, rollback_verdict, shadow_verdict
+from distilld.retrain.decide import (
+    StartDecision,
+    Trigger,
+    may_start,
+    rollback_verdict,
+    shadow_verdict,
+)
 from distilld.retrain.run import (
     JobInputs,
     JobResult,
@@ -148,6 +154,7 @@ class RetrainManager:
         self._clock = clock
         self._lock = threading.Lock()
         self._states = {t.name: _State(last_started_at=self._last_start(t.name)) for t in tasks}
+        self._outcomes: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()  # also cancels a job in progress at its next step
         # One switch at a time per task: the job thread and the tick may both
         # see a new LIVE version.
@@ -218,12 +225,13 @@ class RetrainManager:
 
     # ------------------------------------------------------------------ triggers
 
-    def request(self, task: str, trigger: Trigger) -> bool:
-        """Start a retraining of ``task`` if the policy allows it now; True if started."""
+    def request(self, task: str, trigger: Trigger) -> StartDecision:
+        """Start a retraining of ``task`` if the policy allows it now; says why not."""
         spec = self._tasks.get(task)
         if spec is None:
-            self._log.info("retrain.skipped", task=task, trigger=trigger, why="no retraining")
-            return False
+            why = "the task's policy has no enabled retraining section"
+            self._log.info("retrain.skipped", task=task, trigger=trigger, why=why)
+            return StartDecision(False, why)
         now = self._clock()
         with self._lock:
             state = self._states[task]
@@ -237,14 +245,14 @@ class RetrainManager:
             )
             if not decision.start:
                 self._log.info("retrain.skipped", task=task, trigger=trigger, why=decision.why)
-                return False
+                return decision
             state.last_started_at = now
             thread = threading.Thread(
                 target=self._job, args=(spec, trigger), name=f"retrain-{task}", daemon=True
             )
             state.running = thread
         thread.start()
-        return True
+        return decision
 
     def after_check(self, task: str, verdicts: Sequence[object]) -> None:
         """The monitor's hook: a breach verdict triggers a retraining (cooldown permitting)."""
@@ -278,14 +286,15 @@ class RetrainManager:
             path.unlink()
         except FileNotFoundError:
             return
-        started = self.request(task.name, "manual")
-        task.sink.decision(
-            task.name,
+        decision = self.request(task.name, "manual")
+        self._decision(
+            task,
             "retrain.requested",
             severity="info",
             trigger="manual",
-            started=started,
-            action="retraining started" if started else "not started (see retrain.skipped)",
+            started=decision.start,
+            why=decision.why,
+            action="retraining started" if decision.start else "not started",
         )
 
     def _cold_start(self, task: RetrainTask) -> None:
@@ -326,8 +335,8 @@ class RetrainManager:
                     )
                     return
                 live = task.registry.live_version()
-                task.sink.decision(
-                    task.name,
+                self._decision(
+                    task,
                     STARTED,
                     severity="info",
                     trigger=trigger,
@@ -353,8 +362,8 @@ class RetrainManager:
         except RetrainCancelled as exc:
             self._log.info("retrain.cancelled", task=task.name, trigger=trigger, why=str(exc))
         except Exception as exc:
-            task.sink.decision(
-                task.name,
+            self._decision(
+                task,
                 "retrain.failed",
                 severity="error",
                 trigger=trigger,
@@ -369,8 +378,8 @@ class RetrainManager:
 
     def _after_job(self, task: RetrainTask, result: JobResult) -> None:
         if result.status == "gate_failed" or result.version is None:
-            task.sink.decision(
-                task.name,
+            self._decision(
+                task,
                 "retrain.gate_failed",
                 severity="warning",
                 gate=result.gate.summary,
@@ -384,8 +393,8 @@ class RetrainManager:
         version = result.version
         first = task.registry.live_version() is None
         shadow = task.config.shadow
-        task.sink.decision(
-            task.name,
+        self._decision(
+            task,
             "retrain.candidate_ready",
             severity="info",
             version=version,
@@ -440,8 +449,8 @@ class RetrainManager:
                 task.registry.path(newest.version), newest.version
             )
             self._shadow.set_candidate(task.name, state.candidate, task.config.shadow.share)
-            task.sink.decision(
-                task.name,
+            self._decision(
+                task,
                 "retrain.shadow_started",
                 severity="info",
                 version=newest.version,
@@ -462,8 +471,8 @@ class RetrainManager:
             self._promote(task, newest.version, why=f"shadow: {verdict.why}")
         else:
             task.registry.set_state(newest.version, "retired")
-            task.sink.decision(
-                task.name,
+            self._decision(
+                task,
                 "retrain.shadow_rejected",
                 severity="warning",
                 version=newest.version,
@@ -489,8 +498,8 @@ class RetrainManager:
         previous = task.slot.model_version
         manifest = task.registry.promote(version)  # the atomic step: LIVE now names it
         if self._follow_live(task):
-            task.sink.decision(
-                task.name,
+            self._decision(
+                task,
                 "retrain.promoted",
                 severity="info",
                 version=version,
@@ -521,8 +530,8 @@ class RetrainManager:
             can_roll_back = task.registry.previous_live() is not None
             if can_roll_back:
                 task.registry.rollback()
-            task.sink.decision(
-                task.name,
+            self._decision(
+                task,
                 "retrain.switch_failed",
                 severity="error",
                 version=live,
@@ -562,8 +571,8 @@ class RetrainManager:
             return
         restored: Manifest = task.registry.rollback()
         self._follow_live(task)
-        task.sink.decision(
-            task.name,
+        self._decision(
+            task,
             "retrain.rolled_back",
             severity="error",
             metric="accuracy",
@@ -575,6 +584,19 @@ class RetrainManager:
             comparisons=verdict.n,
             action=f"{restored.version} serves again; {pointer.version} is marked rolled_back",
         )
+
+    def outcomes(self, task: str) -> dict[str, int]:
+        """How many times each decision was taken for ``task`` since the start
+        (started, promoted, gate_failed, failed, rolled_back ...): /metrics."""
+        with self._lock:
+            return dict(self._outcomes.get(task, {}))
+
+    def _decision(self, task: RetrainTask, name: str, **fields: Any) -> None:
+        with self._lock:
+            counts = self._outcomes.setdefault(task.name, {})
+            outcome = name.removeprefix("retrain.")
+            counts[outcome] = counts.get(outcome, 0) + 1
+        task.sink.decision(task.name, name, **fields)
 
     def _last_start(self, task: str) -> float | None:
         # The cooldown survives a restart: the last start is in the alert records.

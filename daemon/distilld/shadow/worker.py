@@ -140,7 +140,7 @@ class ShadowStats:
     unusable answers; ``compare_errors``: answers that could not be scored;
     ``store_errors``: failed writes; ``dropped_on_stop``: left when stop() gave up;
     ``candidate_compared`` / ``candidate_errors``: answers of a candidate in shadow
-    stored / lost to its errors.
+    stored / lost to its errors; ``teacher_calls``: inputs sent to the teacher.
     """
 
     offered: int = 0
@@ -159,6 +159,7 @@ class ShadowStats:
     dropped_on_stop: int = 0
     candidate_compared: int = 0
     candidate_errors: int = 0
+    teacher_calls: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, count: int = 1) -> None:
@@ -285,6 +286,7 @@ class ShadowWorker:
         self._outages: dict[str, _Outage] = {}
         self._bad_answers: set[str] = set()
         self._store_failing = False
+        self._teacher_calls: Counter[str] = Counter()  # inputs sent to the teacher, per task
         # task -> (candidate backend, share of compared requests it answers)
         self._candidates: dict[str, tuple[StudentBackend, float]] = {}
 
@@ -297,6 +299,11 @@ class ShadowWorker:
         self._abandon = threading.Event()  # stop() ran out of time: drop what is left
         self._intake_done = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    def task_teacher_calls(self) -> dict[str, int]:
+        """Inputs sent to each task's teacher since the start (/metrics)."""
+        with self._lock:
+            return dict(self._teacher_calls)
 
     # -- candidates in shadow -----------------------------------------------------
 
@@ -590,6 +597,9 @@ class ShadowWorker:
         if self._is_paused(task.task):  # the outage began while this batch waited
             self.stats.add("paused", len(batch))
             return
+        self.stats.add("teacher_calls", len(batch))
+        with self._lock:
+            self._teacher_calls[task.task] += len(batch)
         try:
             answers = task.teacher.label([s.offer.text for s in batch])
             if len(answers) != len(batch):

@@ -24,6 +24,7 @@ from kafka.structs import OffsetAndMetadata
 
 from distilld.errors import BackendUnavailable
 from distilld.log import alert, get_logger
+from distilld.ops.metrics import LatencyHistogram
 from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.batcher import MicroBatcher
 from distilld.traffic.offsets import OffsetTracker
@@ -58,11 +59,17 @@ class TaskRoute:
 
 @dataclass
 class ServingStats:
-    """Counters of one loop; read by the CLI summary, the logs and the benchmarks."""
+    """Counters of one loop; read by the CLI summary, the logs, /metrics and the
+    benchmarks. Written by the loop thread only; readers take a consistent-enough
+    copy (counters only grow)."""
 
     polled: int = 0
     answered: int = 0
     dead_lettered: Counter[str] = field(default_factory=Counter)
+    answered_by_task: Counter[str] = field(default_factory=Counter)
+    # (task, reason); task "" when the record named no known task.
+    dead_lettered_by_task: Counter[tuple[str, str]] = field(default_factory=Counter)
+    latency_by_task: dict[str, LatencyHistogram] = field(default_factory=dict)
     batches: int = 0
     batch_items: int = 0
     invalid_outputs: int = 0
@@ -298,6 +305,8 @@ class ServingLoop:
             task=request.task if request else None,
         )
         self.stats.dead_lettered[rejection.reason.value] += 1
+        task_name = request.task if request is not None and request.task in self._routes else ""
+        self.stats.dead_lettered_by_task[(task_name, rejection.reason.value)] += 1
         self._log.info(
             "request.dead_lettered",
             reason=rejection.reason.value,
@@ -352,6 +361,10 @@ class ServingLoop:
         for waiting, prediction in zip(batch, predictions, strict=True):
             self._respond(route, backend.model_version, waiting, prediction, done_at)
         return True
+
+    def unavailable_tasks(self) -> set[str]:
+        """Tasks whose student is in an outage now (requests held): readiness."""
+        return set(list(self._outages))  # a copy taken under the GIL in one step
 
     # -- backend outages --------------------------------------------------------
 
@@ -440,6 +453,11 @@ class ServingLoop:
             error=prediction.error,
         )
         self.stats.answered += 1
+        self.stats.answered_by_task[route.task] += 1
+        histogram = self.stats.latency_by_task.get(route.task)
+        if histogram is None:
+            histogram = self.stats.latency_by_task[route.task] = LatencyHistogram()
+        histogram.observe(done_at - waiting.received_at)
         key = waiting.key if waiting.key is not None else waiting.request.id.encode("utf-8")
         self._send(
             waiting.partition,
@@ -502,6 +520,7 @@ class ServingLoop:
             waiting.raw, rejection, source, request_id=waiting.request.id, task=task
         )
         self.stats.dead_lettered[rejection.reason.value] += 1
+        self.stats.dead_lettered_by_task[(task, rejection.reason.value)] += 1
         self._send(
             waiting.partition,
             waiting.offset,

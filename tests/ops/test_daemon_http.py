@@ -1,0 +1,87 @@
+"""The HTTP endpoints of a real running daemon (the session's Tansu broker, an
+in-process MiniLM student): health, readiness, metrics filled from the daemon's
+own counters, the admin API behind its token, and the token never in any output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from distilld.app import running_daemon
+from distilld.log import configure_logging
+from distilld.traffic.broker import EmbeddedBroker
+from distilld.traffic.replay import read_topic, replay
+from support.kafka import write_sentiment_policy
+
+TOKEN = "adm-9c1e77-planted-token-b4f0"
+
+
+@pytest.mark.slow
+def test_a_running_daemon_serves_health_readiness_metrics_and_a_guarded_admin_api(
+    tmp_path: Path,
+    broker: EmbeddedBroker,
+    minilm_sentiment_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("DEBUG", "json")
+    served = write_sentiment_policy(tmp_path, minilm_sentiment_dir)
+    task = served.policy.task
+    settings = served.settings(broker).model_copy(
+        update={"http_port": 0, "admin_token": SecretStr(TOKEN)}
+    )
+    with running_daemon(settings, {task: served.policy}) as daemon:
+        assert daemon.ops is not None
+        url = daemon.ops.url
+        assert url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
+        assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
+        assert daemon.wait_ready(60)
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 200, ready.text
+
+        lines = [
+            json.dumps({"id": f"r{i}", "task": task, "input": f"a fine film {i}"}).encode()
+            for i in range(10)
+        ]
+        lines.append(b"{not json")
+        replay(daemon.kafka, lines, served.policy.traffic.requests_topic)
+        read_topic(
+            daemon.kafka,
+            served.policy.traffic.responses_topic,
+            until=lambda rs: len({r.get("id") for r in rs}) >= 10,
+            timeout_s=60,
+        )
+        metrics = httpx.get(f"{url}/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = metrics.text
+        assert f'distilld_requests_total{{task="{task}"}} 10' in text
+        assert f'distilld_request_latency_seconds_count{{task="{task}"}} 10' in text
+        assert (
+            f'distilld_live_version_info{{task="{task}",version="{minilm_sentiment_dir.name}"}} 1'
+            in text
+        )
+
+        # Reading is open; changing needs the token.
+        status = httpx.get(f"{url}/admin/status").json()
+        assert task in json.dumps(status)
+        assert httpx.post(f"{url}/admin/retrain/{task}").status_code == 401
+        wrong = httpx.post(f"{url}/admin/retrain/{task}", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        right = httpx.post(
+            f"{url}/admin/retrain/{task}", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert right.status_code == 400  # authorised, but this policy does not retrain
+        assert "does not retrain" in right.json()["error"]
+        unknown = httpx.post(
+            f"{url}/admin/rollback/nope", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert unknown.status_code == 404
+        shown = [right.text, wrong.text, unknown.text, str(status), repr(daemon.ops)]
+
+    output = capsys.readouterr()
+    for text in [*shown, output.out, output.err]:
+        assert TOKEN not in text
