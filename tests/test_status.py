@@ -141,6 +141,11 @@ def test_status_shows_version_traffic_agreement_drift_and_alerts(
     assert main(["status", TASK]) == 0
     assert "registry             2 versions, live v7, v8 in shadow" in capsys.readouterr().out
 
+    assert main(["report", "--out", str(state.state_dir / "page.html")]) == 0
+    assert "report written to" in capsys.readouterr().out
+    page = (state.state_dir / "page.html").read_text()
+    assert "<svg" in page and "v8" in page and "breach" in page
+
 
 def test_check_flags_a_shift_once_and_exits_3_and_passes_stationary_traffic(
     state: Settings, capsys: pytest.CaptureFixture[str]

@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--policies", type=Path, help="policies directory (DISTILLD_POLICIES_DIR)")
     status.add_argument("--json", action="store_true", help="one JSON object per task")
 
+    report = commands.add_parser(
+        "report",
+        help="write an HTML page of the daemon's records: agreement and drift over time, "
+        "segments, versions, gates, links to the Evidently reports",
+    )
+    report.add_argument("--policies", type=Path, help="policies directory (DISTILLD_POLICIES_DIR)")
+    report.add_argument(
+        "--out", type=Path, help="output file (default: $DISTILLD_STATE_DIR/report.html)"
+    )
+
     retrain = commands.add_parser(
         "retrain",
         help="ask the running daemon to retrain a task now (it picks the request up within "
@@ -143,6 +153,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _check(args, settings)
     if args.command == "status":
         return _status(args, settings)
+    if args.command == "report":
+        return _report(args, settings)
     if args.command in ("retrain", "versions", "promote", "rollback"):
         return _registry_command(args, settings)
     if args.command == "demo":
@@ -199,6 +211,34 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
                 print(format_status(status))
     finally:
         store.close()
+    return 0
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from distilld.app import existing_store
+    from distilld.policy.load import load_policies
+    from distilld.registry import ModelRegistry
+    from distilld.report import write_report
+
+    policies = load_policies(args.policies or settings.policies_dir)
+    registries = {
+        task: ModelRegistry(settings.registry_root / task)
+        if (settings.registry_root / task).is_dir()
+        else None
+        for task in policies
+    }
+    store = existing_store(settings)
+    try:
+        out = write_report(
+            policies,
+            store,
+            registries,
+            settings.reports_dir,
+            args.out or settings.state_dir / "report.html",
+        )
+    finally:
+        store.close()
+    print(f"report written to {out}")
     return 0
 
 

@@ -24,6 +24,7 @@ from distilld.demo.data import LABELS, Row, load_rows
 from distilld.policy.evaluate import Status
 from distilld.policy.load import load_policy
 from distilld.registry import ModelRegistry
+from distilld.report import write_report
 from distilld.retrain.manager import request_retraining
 from distilld.serving.swap import COLD_START_VERSION
 from distilld.settings import Settings
@@ -209,6 +210,19 @@ def test_a_breach_retrains_shadows_promotes_and_the_operator_can_roll_back(
         )
         latest = {r["id"]: r for r in responses if r["id"] in {x.id for x in after}}
         assert {r["model_version"] for r in latest.values()} == {candidate}
+
+        # The report shows it all: curves per version, the promotion, the gate.
+        page = write_report(
+            {task: served.policy},
+            daemon.monitoring.store,
+            {task: registry},
+            settings.reports_dir,
+            tmp_path / "report.html",
+        ).read_text()
+        assert page.count("<svg") == 2
+        assert f"&#9632; {candidate}" in page and f"&#9632; {adopted}" in page
+        assert "retrain.promoted" in page
+        assert "primary_vs_teacher" in page  # the live version's gate table
 
         # 5. `distilld rollback` (the registry change it makes): the daemon follows.
         registry.rollback()

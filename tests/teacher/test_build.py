@@ -129,7 +129,7 @@ def test_local_teacher_missing_directory_names_the_field(tmp_path: Path) -> None
         make_teacher(policy({"backend": "transformers", "model": "absent"}), tmp_path)
 
 
-def test_resolve_model_dir_takes_absolute_paths_as_written(tmp_path: Path) -> None:
+def test_resolve_model_dir_keeps_every_path_inside_the_models_directory(tmp_path: Path) -> None:
     models_dir = tmp_path / "models"
     models_dir.mkdir()
     (models_dir / "inside").mkdir()
@@ -137,6 +137,9 @@ def test_resolve_model_dir_takes_absolute_paths_as_written(tmp_path: Path) -> No
     outside.mkdir()
 
     assert resolve_model_dir(models_dir, "inside") == (models_dir / "inside").resolve()
-    assert resolve_model_dir(models_dir, str(outside)) == outside.resolve()
+    absolute_inside = str((models_dir / "inside").resolve())
+    assert resolve_model_dir(models_dir, absolute_inside) == (models_dir / "inside").resolve()
+    with pytest.raises(ConfigError, match="outside DISTILLD_MODELS_DIR"):
+        resolve_model_dir(models_dir, str(outside))
     with pytest.raises(ConfigError, match=r"student\.model"):
         resolve_model_dir(models_dir, "nope")

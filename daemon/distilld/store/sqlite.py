@@ -366,6 +366,18 @@ class SqliteStore:
             return None
         return CheckResult(task=row[0], summary=json.loads(row[1]), created_at=row[2])
 
+    def checks(self, task: str, limit: int = 500) -> list[CheckResult]:
+        with self._cursor(write=False) as cursor:
+            rows = cursor.execute(
+                "SELECT task, summary, created_at FROM checks WHERE task = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (task, limit),
+            ).fetchall()
+        return [
+            CheckResult(task=row[0], summary=json.loads(row[1]), created_at=row[2])
+            for row in reversed(rows)
+        ]
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
