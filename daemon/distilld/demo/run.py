@@ -68,6 +68,8 @@ def run_demo(settings: Settings, *, limit: int, rate: float, timeout_s: float) -
         lines.insert((i + 1) * step + i, line)
     expected_ids = {row.id for row in split.traffic}
 
+    # A free port for the HTTP endpoints: the demo must not fail on a busy 8080.
+    settings = settings.model_copy(update={"http_port": 0})
     with running_daemon(settings, {policy.task: policy}) as daemon:
         if not daemon.wait_ready(timeout_s=60):
             raise DistilldError("the daemon did not join its consumer group within 60 s")
