@@ -42,7 +42,7 @@ from distilld.teacher.config import TransformersTeacherConfig
 from distilld.teacher.local import LocalTeacher
 from distilld.traffic.broker import EmbeddedBroker
 from support.daemon import answer_all, compare_all, request, settle
-from support.kafka import ServedTask, unique
+from support.kafka import ServedTask, sentiment_task, unique
 from support.models import sentiment_training_rows
 
 # No scheduled check during a test: every check is run on demand.
@@ -106,15 +106,7 @@ def serve(
     policy's teacher / sampling / monitors / alerts sections."""
     task = unique("monitored")
     document: dict[str, Any] = {
-        "task": task,
-        "kind": "classification",
-        "labels": list(LABELS),
-        "traffic": {
-            "requests_topic": f"{task}.requests",
-            "responses_topic": f"{task}.responses",
-            "dead_letter_topic": f"{task}.dead-letter",
-            "consumer_group": f"{task}-group",
-        },
+        **sentiment_task(task),
         "student": {
             "backend": "transformers",
             "model": str(student),

@@ -142,6 +142,15 @@ def manager_for(
     )
 
 
+def fill_traffic(store: SqliteStore, count: int) -> None:
+    store.add_traffic(
+        [
+            TrafficSample("reviews", f"review number {i} " * 3, {}, "fresh", 0.9, f"id{i}")
+            for i in range(count)
+        ]
+    )
+
+
 def kinds(store: SqliteStore) -> list[str]:
     return [a.kind for a in store.last_alerts("reviews", limit=100)]  # oldest first
 
@@ -171,12 +180,7 @@ def compared(
 
 def test_a_failed_job_alerts_once_and_the_live_version_keeps_serving(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "store.sqlite")
-    store.add_traffic(
-        [
-            TrafficSample("reviews", f"review number {i} " * 3, {}, "fresh", 0.9, f"id{i}")
-            for i in range(300)
-        ]
-    )
+    fill_traffic(store, 300)
     registry = registry_with(tmp_path, "v-live")
     registry.promote("v-live")
     slot = RecordingSlotFake("v-live")
@@ -322,12 +326,7 @@ def test_retraining_config_defaults_match_the_readme() -> None:
 
 def test_a_cancelled_job_stops_at_its_next_step_and_registers_nothing(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "store.sqlite")
-    store.add_traffic(
-        [
-            TrafficSample("reviews", f"review number {i} " * 3, {}, "fresh", 0.9, f"id{i}")
-            for i in range(300)
-        ]
-    )
+    fill_traffic(store, 300)
     registry = registry_with(tmp_path, "v-live")
     pol = policy(gate={"min_test_examples": 10})
     assert pol.retraining is not None

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from distilld.app import RunningDaemon, running_daemon
-from distilld.demo.data import LABELS, Row, load_rows
+from distilld.demo.data import Row, load_rows
 from distilld.policy.evaluate import Status
 from distilld.policy.load import load_policy
 from distilld.registry import ModelRegistry
@@ -31,7 +31,7 @@ from distilld.settings import Settings
 from distilld.store.base import AlertEvent
 from distilld.traffic.broker import EmbeddedBroker
 from support.daemon import answer_all, compare_all, request, settle
-from support.kafka import TEST_SESSION_TIMEOUT_MS, ServedTask, unique
+from support.kafka import TEST_SESSION_TIMEOUT_MS, ServedTask, sentiment_task, unique
 from support.models import sentiment_training_rows
 
 HOUR_S = 3600
@@ -77,15 +77,7 @@ def write_policy(
     if student is not None:
         student_section["model"] = str(student)
     document = {
-        "task": task,
-        "kind": "classification",
-        "labels": list(LABELS),
-        "traffic": {
-            "requests_topic": f"{task}.requests",
-            "responses_topic": f"{task}.responses",
-            "dead_letter_topic": f"{task}.dead-letter",
-            "consumer_group": f"{task}-group",
-        },
+        **sentiment_task(task),
         "student": student_section,
         "teacher": {"backend": "transformers", "model": str(teacher), "max_input_tokens": 64},
         "sampling": {"base_rate": 1.0},

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from distilld.demo.data import LABELS, load_rows
+from distilld.demo.data import load_rows
 from distilld.traffic.broker import EmbeddedBroker
-from support.kafka import TEST_SESSION_TIMEOUT_MS, unique
+from support.kafka import TEST_SESSION_TIMEOUT_MS, sentiment_task, unique
 from support.models import sentiment_training_rows
 
 
@@ -50,15 +50,7 @@ def test_two_replicas_never_retrain_one_task_at_once(
     (policies / "seeds.txt").write_text("\n".join(seeds) + "\n")
     task = unique("replicated")
     document = {
-        "task": task,
-        "kind": "classification",
-        "labels": list(LABELS),
-        "traffic": {
-            "requests_topic": f"{task}.requests",
-            "responses_topic": f"{task}.responses",
-            "dead_letter_topic": f"{task}.dead-letter",
-            "consumer_group": f"{task}-group",
-        },
+        **sentiment_task(task),
         "student": {"model": str(minilm_sentiment_dir), "max_input_tokens": 48},
         "teacher": {
             "backend": "transformers",

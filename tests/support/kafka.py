@@ -7,6 +7,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,19 @@ def write_sentiment_policy(
     state_dir = tmp_path / "state"
     state_dir.mkdir(exist_ok=True)
     return ServedTask(load_policy(path), policies_dir, model_dir.parent, state_dir)
+
+
+def sentiment_task(task: str) -> dict[str, Any]:
+    """The top of a fresh / rotten classification policy on the task's own topics and
+    consumer group; tests add the student, teacher and other sections."""
+    return {
+        "task": task,
+        "kind": "classification",
+        "labels": ["fresh", "rotten"],
+        "traffic": {
+            "requests_topic": f"{task}.requests",
+            "responses_topic": f"{task}.responses",
+            "dead_letter_topic": f"{task}.dead-letter",
+            "consumer_group": f"{task}-group",
+        },
+    }
