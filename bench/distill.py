@@ -52,7 +52,8 @@ Datasets, teachers and students (see bench/distill_data.py for the data):
 
 Usage:  .venv/bin/python bench/distill.py [--quick] [--datasets rt,spam,address]
 Options: --quick (small sizes, a few minutes), --datasets (comma list), --seed,
---batch (inference batch for throughput, 8), --rounds (throughput rounds, 2).
+--batch (inference batch for throughput, 8), --rounds (throughput rounds, 2),
+--pool / --test / --student-epochs (override those sizes; the teacher stays).
 Teachers are trained on first use and cached (.cache/bench-models); the first
 run takes longer by that much. Fixed seeds throughout.
 """
@@ -70,7 +71,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -694,6 +695,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="inference batch for throughput")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds")
+    parser.add_argument("--pool", type=int, help="override: inputs the teacher labels")
+    parser.add_argument("--test", type=int, help="override: gold test examples")
+    parser.add_argument("--student-epochs", type=int, help="override: student epochs")
     args = parser.parse_args()
     chosen = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in chosen if d not in SPECS]
@@ -713,7 +717,15 @@ def main() -> None:
         for name in chosen:
             spec = SPECS[name]
             t = time.monotonic()
-            res = run_dataset(spec, spec.quick if args.quick else spec.full, args, Path(tmp))
+            sizes = spec.quick if args.quick else spec.full
+            # Overrides leave the teacher (and its cache entry) as it is.
+            sizes = replace(
+                sizes,
+                pool=args.pool or sizes.pool,
+                test=args.test or sizes.test,
+                student_epochs=args.student_epochs or sizes.student_epochs,
+            )
+            res = run_dataset(spec, sizes, args, Path(tmp))
             print_result(res, args.batch, args.rounds)
             print(f"   ({name} took {time.monotonic() - t:.0f} s in all)", flush=True)
             results.append(res)
