@@ -145,7 +145,14 @@ def test_a_job_labels_filters_trains_gates_and_registers_a_candidate(
     flagged = [r.id for r in reviews[:7]]
     flags = tmp_path / "flags.txt"
     flags.write_text("\n".join(flagged) + "\n")
-    policy = write_policy(tmp_path, minilm_sentiment_dir, trained_sentiment_dir, small_retraining())
+    # The first attempt (120 inputs) leaves fewer than 20 held-out examples: the gate
+    # fails for lack of data and the job grows to 240.
+    policy = write_policy(
+        tmp_path,
+        minilm_sentiment_dir,
+        trained_sentiment_dir,
+        small_retraining(size={"min_examples": SIZE // 2, "max_examples": SIZE}),
+    )
     # As many candidates as the job selects: every one is labelled, flagged ones too.
     store = filled_store(tmp_path / "store.sqlite", reviews[:SIZE])
     registry = ModelRegistry(tmp_path / "registry")
