@@ -22,7 +22,7 @@ from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
 from distilld.retrain.manager import RetrainManager, RetrainTask, request_retraining
-from distilld.retrain.run import JobInputs, RetrainCancelled, run_retraining
+from distilld.retrain.run import JobInputs, RetrainCancelled, RetrainError, run_retraining
 from distilld.serving.base import Prediction
 from distilld.shadow.worker import ShadowTask, ShadowWorker
 from distilld.store.base import StoredComparison, TrafficSample
@@ -345,3 +345,42 @@ def test_a_cancelled_job_stops_at_its_next_step_and_registers_nothing(tmp_path: 
     with pytest.raises(RetrainCancelled, match="stopped before: attempt 1"):
         run_retraining(job, work_dir=tmp_path / "work")
     assert [m.version for m in registry.list()] == ["v-live"]
+
+
+class GarbageTeacherFake:
+    """A teacher stand-in whose answers all fail validation, or give nothing."""
+
+    def label(self, inputs: Sequence[str]) -> list[TeacherAnswer]:
+        return [
+            TeacherAnswer("maybe", 0.9, error="'maybe' is not a label")
+            if i % 2
+            else TeacherAnswer("", 0.0, error="the endpoint refused the input")
+            for i, _ in enumerate(inputs)
+        ]
+
+    def status(self) -> TeacherStatus:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_filter_that_drops_everything_says_why_per_reason(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    fill_traffic(store, 300)
+    pol = policy(gate={"min_test_examples": 10}, size={"min_examples": 100, "max_examples": 100})
+    assert pol.retraining is not None
+    job = JobInputs(
+        policy=pol,
+        config=pol.retraining,
+        teacher=GarbageTeacherFake(),
+        store=store,
+        registry=registry_with(tmp_path),
+        base_model_dir=tmp_path / "base",
+    )
+
+    with pytest.raises(RetrainError, match="dropped all 100 teacher answers") as dropped:
+        run_retraining(job, work_dir=tmp_path / "work")
+    # Answers outside the label set are invalid outputs; empty ones teacher errors.
+    assert "'invalid_output': 50" in str(dropped.value)
+    assert "'teacher_error': 50" in str(dropped.value)

@@ -166,6 +166,10 @@ class RetrainManager:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        # A job killed with its process (SIGKILL, power loss) left its scratch files.
+        for name in self._tasks:
+            for leftover in (self._work_dir / name).glob("job-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         scheduler = BackgroundScheduler(timezone="UTC")
         for task in self._tasks.values():
             schedule = task.config.triggers.schedule

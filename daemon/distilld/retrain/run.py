@@ -229,6 +229,13 @@ def run_retraining(
             min_confidence=config.filtering.min_teacher_confidence,
             flagged=flags,
         )
+        if not filtered.kept:
+            raise RetrainError(
+                f"task {policy.task!r}: the quality filter dropped all {filtered.report.total} "
+                f"teacher answers ({dict(filtered.report.dropped)}); if most are low_confidence, "
+                "lower retraining.filtering.min_teacher_confidence (now "
+                f"{config.filtering.min_teacher_confidence}) or use a more confident teacher"
+            )
         kept = [parsed_output(e) for e in filtered.kept]
         split = split_examples(kept, config.split, salt=policy.task)
         check_held_out([e.text for e in split.train], split)  # never train on the test set
@@ -358,7 +365,10 @@ def _labelled(candidate: Candidate, answer: TeacherAnswer) -> LabelledExample:
         id=candidate.id,
         probabilities=answer.probabilities,
         top_logprobs=answer.top_logprobs,
-        teacher_error=answer.error,
+        # An answer that came back but failed validation (a label outside the set,
+        # JSON not matching the schema) is an invalid output, judged by the filter's
+        # validator; an input the teacher gave nothing for is a teacher error.
+        teacher_error=answer.error if not answer.output else None,
         segment=dict(candidate.segment),
         tags=candidate.tags,
         source=candidate.source,
