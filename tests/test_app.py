@@ -37,3 +37,39 @@ def test_a_saved_drift_reference_is_loaded_and_a_missing_one_is_reported(
     assert drift_reference(tmp_path / "elsewhere") is None
     assert "monitoring.no_saved_reference" in capsys.readouterr().out
     assert drift_reference(None) is None
+
+
+def test_an_external_vllm_student_needs_no_model_files_here(tmp_path: Path) -> None:
+    import threading
+    from contextlib import ExitStack
+
+    from distilld.app import load_students
+    from distilld.policy.model import Policy
+    from distilld.settings import Settings
+
+    policy = Policy.model_validate(
+        {
+            "task": "reviews",
+            "kind": "classification",
+            "labels": ["fresh", "rotten"],
+            "prompt": "Review: {input}",
+            "traffic": {
+                "requests_topic": "r.requests",
+                "responses_topic": "r.responses",
+                "dead_letter_topic": "r.dead-letter",
+            },
+            "student": {
+                "backend": "vllm",
+                "architecture": "causal-lm",
+                "model": "served-elsewhere",  # a name on the server, not a directory here
+                "vllm": {"base_url": "http://127.0.0.1:9"},
+            },
+        }
+    )
+    settings = Settings(models_dir=tmp_path / "models", state_dir=tmp_path / "state")
+    with ExitStack() as stack:
+        students = load_students(
+            {"reviews": policy}, settings, stack, threading.Event(), registries={}, teachers={}
+        )
+        assert students.backends["reviews"].model_version == "served-elsewhere"
+        assert students.vllm["reviews"].server is None

@@ -179,7 +179,10 @@ def load_students(
     log = get_logger("app")
     students = Students(backends={}, slots={}, vllm={})
     for task, policy in sorted(policies.items()):
-        served = served_model(policy, settings, registries.get(task))
+        options = policy.student.vllm
+        external = policy.student.backend == "vllm" and options is not None and options.base_url
+        # An external vLLM server serves its own files: nothing to find here.
+        served = None if external else served_model(policy, settings, registries.get(task))
         if policy.student.backend == "vllm":
             deployment = vllm_deployment(policy, settings, stack, stop, served)
             students.vllm[task] = deployment
