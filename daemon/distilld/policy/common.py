@@ -11,6 +11,7 @@ outside the policy sections.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
@@ -59,4 +60,14 @@ def check_segment_keys(value: list[str] | None) -> list[str] | None:
     repeated = sorted({key for key in value if value.count(key) > 1})
     if repeated:
         raise ValueError(f"segment keys must be distinct (repeated: {repeated})")
+    return value
+
+
+def check_no_parent_parts(value: str | None) -> str | None:
+    """Refuse a model path with ``..`` parts (either slash); pydantic field validator.
+
+    ``modelpaths.resolve_model_dir`` also refuses any path that resolves outside
+    the models directory; this check says so when the policy is loaded."""
+    if value is not None and ".." in re.split(r"[\\/]", value):
+        raise ValueError(f"must not contain '..' path parts (received {value!r})")
     return value

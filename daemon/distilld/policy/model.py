@@ -14,7 +14,6 @@ in ``policy/common.py`` so that they need not import this module.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -27,7 +26,12 @@ from distilld.monitoring.config import (
     MonitorsConfig,
     SamplingConfig,
 )
-from distilld.policy.common import INPUT_PLACEHOLDER, Architecture, PolicyFieldError
+from distilld.policy.common import (
+    INPUT_PLACEHOLDER,
+    Architecture,
+    PolicyFieldError,
+    check_no_parent_parts,
+)
 from distilld.retrain.config import RetrainingConfig
 from distilld.teacher.config import OpenAITeacherConfig, TeacherConfig, TransformersTeacherConfig
 
@@ -177,11 +181,7 @@ class StudentPolicy(_Strict):
             )
         return self
 
-    @field_validator("model")
-    def _no_escape(cls, value: str | None) -> str | None:
-        if value is not None and ".." in re.split(r"[\\/]", value):
-            raise ValueError(f"must not contain '..' path parts (received {value!r})")
-        return value
+    _no_escape = field_validator("model")(check_no_parent_parts)
 
 
 class AlertsPolicy(_Strict):

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distilld.policy.common import StrictModel, check_segment_keys
+from distilld.policy.common import StrictModel, check_no_parent_parts, check_segment_keys
 from distilld.retrain.methods import TrainingConfig
 
 __all__ = [
@@ -583,11 +583,7 @@ class RetrainingConfig(StrictModel):
         default_factory=RollbackConfig, description="Automatic rollback after a promotion."
     )
 
-    @field_validator("base_model")
-    def _base_model_stays_inside(cls, value: str | None) -> str | None:
-        if value is not None and ".." in value.replace("\\", "/").split("/"):
-            raise ValueError(f"must not contain '..' path parts (received {value!r})")
-        return value
+    _base_model_stays_inside = field_validator("base_model")(check_no_parent_parts)
 
     @field_validator("seed_files")
     def _seed_files(cls, value: list[str]) -> list[str]:

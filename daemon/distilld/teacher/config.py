@@ -25,7 +25,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # policy.common, not policy.model: model.py imports this module.
-from distilld.policy.common import INPUT_PLACEHOLDER, Architecture, PolicyFieldError
+from distilld.policy.common import (
+    INPUT_PLACEHOLDER,
+    Architecture,
+    PolicyFieldError,
+    check_no_parent_parts,
+)
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -168,11 +173,7 @@ class TransformersTeacherConfig(_Strict):
 
     _prompt = field_validator("prompt")(_check_prompt)
 
-    @field_validator("model")
-    def _no_escape(cls, value: str) -> str:
-        if ".." in value.replace("\\", "/").split("/"):
-            raise ValueError(f"must not contain '..' path parts (received {value!r})")
-        return value
+    _no_escape = field_validator("model")(check_no_parent_parts)
 
 
 TeacherConfig = Annotated[
