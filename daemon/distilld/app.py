@@ -106,8 +106,7 @@ def open_registries(policies: dict[str, Policy], settings: Settings) -> dict[str
 def adopt_policy_student(policy: Policy, settings: Settings, registry: ModelRegistry) -> None:
     if registry.live_version() is not None or policy.student.model is None:
         return
-    options = policy.student.vllm
-    if policy.student.backend == "vllm" and options is not None and options.base_url:
+    if external_student(policy):
         return  # served elsewhere: the daemon has no files to keep
     model_dir = resolve_model_dir(settings.models_dir, policy.student.model)
     name = model_dir.name
@@ -139,6 +138,12 @@ def adopt_policy_student(policy: Policy, settings: Settings, registry: ModelRegi
         model_dir=str(model_dir),
         note="the policy's student is the first live version of the task's registry",
     )
+
+
+def external_student(policy: Policy) -> bool:
+    """Whether the student runs on a vLLM server the daemon does not manage."""
+    options = policy.student.vllm
+    return policy.student.backend == "vllm" and options is not None and bool(options.base_url)
 
 
 def served_model(
@@ -179,10 +184,12 @@ def load_students(
     log = get_logger("app")
     students = Students(backends={}, slots={}, vllm={})
     for task, policy in sorted(policies.items()):
-        options = policy.student.vllm
-        external = policy.student.backend == "vllm" and options is not None and options.base_url
         # An external vLLM server serves its own files: nothing to find here.
-        served = None if external else served_model(policy, settings, registries.get(task))
+        served = (
+            None
+            if external_student(policy)
+            else served_model(policy, settings, registries.get(task))
+        )
         if policy.student.backend == "vllm":
             deployment = vllm_deployment(policy, settings, stack, stop, served)
             students.vllm[task] = deployment
@@ -661,23 +668,16 @@ def _served_dir(
 def current_model_dir(policy: Policy, settings: Settings) -> Path | None:
     """The live model directory when the daemon can read it: the registry's live version,
     else the policy's student (None: an external server, or no student yet)."""
-    options = policy.student.vllm
-    if policy.student.backend == "vllm" and options is not None and options.base_url:
+    if external_student(policy):
         return None
+    root = settings.registry_root / policy.task
     retraining = policy.retraining
-    if retraining is not None and retraining.enabled:
-        root = settings.registry_root / policy.task
-        if root.is_dir():
-            registry = ModelRegistry(root)
-            live = registry.live_version()
-            if live is not None:
-                return registry.path(live)
-    if policy.student.model is None:
-        return None
+    retrains = retraining is not None and retraining.enabled and root.is_dir()
     try:
-        return resolve_model_dir(settings.models_dir, policy.student.model)
+        served = served_model(policy, settings, ModelRegistry(root) if retrains else None)
     except ConfigError:
         return None
+    return served[0] if served is not None else None
 
 
 def _same(value: _T) -> _T:
