@@ -11,7 +11,7 @@ from distilld.retrain.config import (
 )
 from distilld.retrain.decide import may_start, rollback_verdict, shadow_verdict
 from distilld.retrain.manager import shadow_pairs, watch_scores
-from distilld.store.base import StoredComparison
+from support.records import comparison
 
 # --------------------------------------------------------------------------- triggers
 
@@ -176,23 +176,3 @@ def test_watch_scores_split_before_and_after_the_promotion() -> None:
 
     assert sorted(new) == [0.0, 1.0]
     assert previous == pytest.approx(0.5)  # the last two of "old": 0.0 and 1.0
-
-
-def comparison(
-    request_id: str, version: str, score: float | None, at: float = 0.0
-) -> StoredComparison:
-    return StoredComparison(
-        task="t",
-        request_id=request_id,
-        segment={},
-        input_text="x",
-        student_output="a",
-        student_confidence=0.9,
-        model_version=version,
-        teacher_output="a",
-        teacher_confidence=0.9,
-        teacher_probabilities=None,
-        score=score,
-        schema_valid=True,
-        created_at=at,
-    )

@@ -28,6 +28,7 @@ from distilld.shadow.worker import ShadowTask, ShadowWorker
 from distilld.store.base import StoredComparison, TrafficSample
 from distilld.store.sqlite import SqliteStore
 from distilld.teacher.base import TeacherAnswer, TeacherStatus
+from support.records import comparison
 
 LABELS = ["fresh", "rotten"]
 
@@ -159,21 +160,7 @@ def compared(
     version: str, scores: list[float], start: float, prefix: str
 ) -> list[StoredComparison]:
     return [
-        StoredComparison(
-            task="reviews",
-            request_id=f"{prefix}{i}",
-            segment={},
-            input_text=f"text {prefix}{i}",
-            student_output="fresh",
-            student_confidence=0.9,
-            model_version=version,
-            teacher_output="fresh",
-            teacher_confidence=0.9,
-            teacher_probabilities=None,
-            score=score,
-            schema_valid=True,
-            created_at=start + i * 0.001,
-        )
+        comparison(f"{prefix}{i}", version, score, at=start + i * 0.001)
         for i, score in enumerate(scores)
     ]
 
