@@ -94,11 +94,19 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="quick start: embedded broker, Rotten Tomatoes replayed through the daemon, summary",
+        help="quick start: the closed loop on Rotten Tomatoes reviews (shift, detection, "
+        "retraining, promotion, recovery), then a summary",
     )
-    demo.add_argument("--limit", type=int, default=2000, help="requests to replay (default 2000)")
-    demo.add_argument("--rate", type=float, default=0.0, help="records/s (0: unpaced)")
-    demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    demo.add_argument("--rate", type=float, default=10.0, help="requests/s replayed (default 10)")
+    demo.add_argument(
+        "--shift-after",
+        type=int,
+        default=600,
+        help="requests of the first population before the shift (default 600)",
+    )
+    demo.add_argument(
+        "--timeout", type=float, default=1200.0, help="give up after this many s (default 1200)"
+    )
     return parser
 
 
@@ -160,7 +168,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "demo":
         from distilld.demo.run import run_demo
 
-        return run_demo(settings, limit=args.limit, rate=args.rate, timeout_s=args.timeout)
+        return run_demo(
+            settings, rate=args.rate, shift_after=args.shift_after, timeout_s=args.timeout
+        )
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -18,11 +18,13 @@ from pathlib import Path
 from distilld.errors import ConfigError
 
 
-def resolve_model_dir(models_dir: Path, model: str, field: str = "student.model") -> Path:
+def resolve_model_dir(
+    models_dir: Path, model: str, field: str = "student.model", *, must_exist: bool = True
+) -> Path:
     """The directory of a policy's ``model`` value, or a ConfigError naming ``field``.
 
-    Refused: a path that resolves outside ``models_dir``, and a path that is
-    not an existing directory.
+    Refused: a path that resolves outside ``models_dir``, and (``must_exist``)
+    a path that is not an existing directory.
     """
     candidate = Path(model)
     path = candidate if candidate.is_absolute() else (models_dir / candidate)
@@ -33,7 +35,7 @@ def resolve_model_dir(models_dir: Path, model: str, field: str = "student.model"
             "put the model under DISTILLD_MODELS_DIR and name it relative to it (or set "
             "DISTILLD_MODELS_DIR to the directory that holds it)"
         )
-    if not path.is_dir():
+    if must_exist and not path.is_dir():
         raise ConfigError(
             f"model directory {path} ({field} {model!r}) does not exist; "
             f"put the model there or set DISTILLD_MODELS_DIR (now {models_dir})"

@@ -1,175 +1,580 @@
-"""``distilld demo``: the quick-start main job.
+"""``distilld demo``: the quick-start main job, the whole loop on real data.
 
-Embedded broker, the example Rotten Tomatoes policy, a student trained once
-and cached, real reviews replayed through the daemon, and a summary once every
-replayed request is answered or dead-lettered.
+Embedded broker, the example Rotten Tomatoes policy, a teacher and a first
+student built once and cached, and real reviews replayed through the daemon
+at a steady rate. Midway the input population shifts (mostly fresh reviews,
+then mostly rotten ones); the daemon detects it, has the teacher label recent
+traffic, retrains, gates, shadows and promotes a new student by itself, and
+agreement with the teacher recovers. The demo only watches: it produces the
+traffic, reads what the daemon recorded (alerts, comparisons, registry,
+responses) and prints a summary. Nothing in the daemon knows it is a demo.
+
+The demo compresses time: the overrides in :data:`DEMO_OVERRIDES` shorten the
+example policy's production intervals and sizes (checks every 15 s instead of
+5 min, 500 retraining examples instead of 1,000...). The policy the daemon
+ran is written beside the summary.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
-from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distilld.app import running_daemon
-from distilld.demo.data import LABELS, load_rows, malformed_lines, request_line, split_rows
-from distilld.demo.student import save_drift_reference, train_quickstart_student
+import yaml
+
+from distilld.app import RunningDaemon, running_daemon
+from distilld.demo.data import (
+    LABELS,
+    LoopData,
+    load_rows,
+    loop_data,
+    malformed_lines,
+    request_line,
+)
+from distilld.demo.student import ensure_demo_models
 from distilld.errors import ConfigError, DistilldError
 from distilld.log import get_logger
-from distilld.modelpaths import resolve_model_dir
-from distilld.monitoring.features import REFERENCE_FILE
-from distilld.monitoring.measure import CheckOutcome
-from distilld.policy.evaluate import DRIFT_METRIC
+from distilld.policy.evaluate import EventKind
 from distilld.policy.load import load_policy
-from distilld.settings import Settings
+from distilld.registry import ModelRegistry
+from distilld.report import write_report
+from distilld.settings import KafkaConfig, Settings
+from distilld.store.base import AlertEvent, StoredComparison
 from distilld.traffic.replay import read_topic, replay
 
 DEMO_POLICY_FILE = "rotten-tomatoes.yaml"
-TRAIN_SIZE = 2000
+
+# The sizes of the demo's data (disjoint parts of the 12,808 reviews).
+TEACHER_EXAMPLES = 2000  # gold reviews the teacher learns from
+FIRST_STUDENT_EXAMPLES = 800  # teacher-labelled reviews of the first population
+AFTER_SHIFT_POOL = 5000  # at most this many requests after the shift
+BEFORE_FRESH_SHARE = 0.9  # the first population: mostly fresh reviews
+AFTER_FRESH_SHARE = 0.15  # after the shift: mostly rotten reviews
+
+# Compared requests the promoted student must answer before the demo ends:
+# enough for a stable "agreement after" figure.
+AFTER_PROMOTION_COMPARISONS = 150
+
+# The demo compresses time; everything else comes from the example policy.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "sampling": {"base_rate": 0.5},
+    "monitors": {
+        "interval_s": 15,
+        "accuracy": {"window": 200, "min_samples": 100},
+        "drift": {"window": 300, "min_samples": 150},
+    },
+    "retraining": {
+        "size": {"min_examples": 500, "max_examples": 1000},
+        "shadow": {"share": 1.0, "min_comparisons": 100},
+        "triggers": {"on_breach": {"cooldown_s": 900}, "schedule": {"enabled": False}},
+        "rollback": {"watch_window_s": 900},
+    },
+}
 
 
-def run_demo(settings: Settings, *, limit: int, rate: float, timeout_s: float) -> int:
-    log = get_logger("demo")
-    policy_path = settings.policies_dir / DEMO_POLICY_FILE
-    if not policy_path.is_file():
+def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_demo_policy(source: Path, dest_dir: Path) -> Path:
+    """The example policy with :data:`DEMO_OVERRIDES` applied, written to ``dest_dir``."""
+    try:
+        document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the demo policy {source}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"the demo policy {source} is not a YAML mapping")
+    missing = [key for key in ("teacher", "retraining") if key not in document]
+    if missing:
         raise ConfigError(
-            f"the demo policy {policy_path} is missing; run from the repository root "
+            f"the demo policy {source} has no {' and no '.join(missing)} section; the demo "
+            "needs both (restore the file from the repository)"
+        )
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / source.name
+    header = (
+        f"# {source} with the demo's shorter intervals and sizes "
+        "(distilld.demo.run.DEMO_OVERRIDES)\n"
+    )
+    path.write_text(header + yaml.safe_dump(merged(document, DEMO_OVERRIDES), sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+class SteadyTraffic:
+    """Produces the demo's requests at a steady rate in a background thread.
+
+    The first ``shift_at`` records are the first population, the rest the
+    second; :attr:`shifted_at` is the wall time of the first record after the
+    shift. :meth:`stop` ends the traffic early (what was sent stays sent).
+    """
+
+    def __init__(
+        self, kafka: KafkaConfig, topic: str, lines: Sequence[bytes], shift_at: int, rate: float
+    ) -> None:
+        self._kafka = kafka
+        self._topic = topic
+        self._lines = lines
+        self._shift_at = shift_at
+        self._rate = rate
+        self._stop = threading.Event()
+        self.sent = 0
+        self.shifted_at: float | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def _records(self) -> Iterator[bytes]:
+        for i, line in enumerate(self._lines):
+            if self._stop.is_set():
+                return
+            if i == self._shift_at:
+                self.shifted_at = time.time()
+            yield line
+            self.sent = i + 1
+
+    def _run(self) -> None:
+        try:
+            replay(self._kafka, self._records(), self._topic, rate=self._rate)
+        except BaseException as exc:  # reported by the demo, which then stops
+            self.error = exc
+
+
+# --------------------------------------------------------------------------- milestones
+
+
+FAILURE_KINDS = frozenset(
+    {"retrain.failed", "retrain.gate_failed", "retrain.shadow_rejected", "retrain.rolled_back"}
+)
+
+
+@dataclass
+class Milestones:
+    """When the daemon did what, read from its alert records (Unix times)."""
+
+    shifted_at: float | None = None
+    breaches: list[AlertEvent] = field(default_factory=list)
+    started: AlertEvent | None = None
+    candidate: AlertEvent | None = None
+    shadow: AlertEvent | None = None
+    promoted: AlertEvent | None = None
+    failures: list[AlertEvent] = field(default_factory=list)
+
+    def update(self, alerts: Sequence[AlertEvent]) -> None:
+        shift = self.shifted_at
+        after = [a for a in alerts if shift is not None and a.created_at >= shift]
+        self.breaches = [a for a in after if a.kind == EventKind.breach]
+        self.started = _first(after, "retrain.started")
+        self.candidate = _first(after, "retrain.candidate_ready")
+        self.shadow = _first(after, "retrain.shadow_started")
+        self.promoted = _first(after, "retrain.promoted")
+        self.failures = [a for a in after if a.kind in FAILURE_KINDS]
+
+
+def _first(alerts: Sequence[AlertEvent], kind: str) -> AlertEvent | None:
+    return next((a for a in alerts if a.kind == kind), None)
+
+
+def _alerts(daemon: RunningDaemon, task: str) -> list[AlertEvent]:
+    return sorted(daemon.monitoring.store.last_alerts(task, limit=1000), key=lambda a: a.created_at)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_demo(settings: Settings, *, rate: float, shift_after: int, timeout_s: float) -> int:
+    log = get_logger("demo")
+    source = settings.policies_dir / DEMO_POLICY_FILE
+    if not source.is_file():
+        raise ConfigError(
+            f"the demo policy {source} is missing; run from the repository root "
             "or set DISTILLD_POLICIES_DIR to the directory that holds it"
         )
-    policy = load_policy(policy_path)
+    if rate <= 0:
+        raise ConfigError(f"--rate must be above 0 requests/s (received {rate})")
+    out_dir = settings.state_dir / "demo"
+    run_dir = out_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # every demo starts from the first student
+    policy = load_policy(write_demo_policy(source, run_dir / "policies"))
     if policy.labels is None or sorted(policy.labels) != sorted(LABELS):
-        raise ConfigError(f"{policy_path} must be the Rotten Tomatoes policy (labels {LABELS})")
-    rows = load_rows()
-    split = split_rows(rows, train_size=TRAIN_SIZE, traffic_size=limit)
+        raise ConfigError(f"{source} must be the Rotten Tomatoes policy (labels {LABELS})")
 
-    if policy.student.model is None:
-        raise ConfigError(f"{policy_path} must name the quick-start student (student.model)")
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = settings.models_dir / policy.student.model
-    if not model_dir.is_dir():
-        log.info(
-            "demo.training_student",
-            model_dir=str(model_dir),
-            examples=len(split.train),
-            note="once; cached for later runs (delete the directory to retrain)",
-        )
-        train_quickstart_student(model_dir, split.train, policy.labels)
-    resolve_model_dir(settings.models_dir, policy.student.model)
-    if not (model_dir / REFERENCE_FILE).is_file():  # a student cached by an older version
-        save_drift_reference(model_dir, [row.text for row in split.train])
+    data = loop_data(
+        load_rows(),
+        teacher_size=TEACHER_EXAMPLES,
+        student_size=FIRST_STUDENT_EXAMPLES,
+        before_size=shift_after,
+        after_size=AFTER_SHIFT_POOL,
+        before_fresh_share=BEFORE_FRESH_SHARE,
+        after_fresh_share=AFTER_FRESH_SHARE,
+    )
+    ensure_demo_models(settings.models_dir, policy, data)
 
     bad = malformed_lines(policy.task, policy.traffic.max_input_chars)
-    lines = [request_line(row, policy.task) for row in split.traffic]
-    # Spread the broken records through the traffic rather than at the end.
+    lines = [request_line(row, policy.task) for row in data.before]
     step = max(1, len(lines) // (len(bad) + 1))
-    for i, line in enumerate(bad):
+    for i, line in enumerate(bad):  # spread through the first population
         lines.insert((i + 1) * step + i, line)
-    expected_ids = {row.id for row in split.traffic}
+    shift_index = len(lines)
+    lines += [request_line(row, policy.task) for row in data.after]
 
-    # A free port for the HTTP endpoints: the demo must not fail on a busy 8080.
-    settings = settings.model_copy(update={"http_port": 0})
-    with running_daemon(settings, {policy.task: policy}) as daemon:
+    run_settings = settings.model_copy(
+        update={
+            "http_port": 0,  # a free port: the demo must not fail on a busy 8080
+            "state_dir": run_dir / "state",
+            "registry_dir": None,
+            "policies_dir": run_dir / "policies",
+            "retrain_tick_s": 1.0,
+        }
+    )
+    task = policy.task
+    milestones = Milestones()
+    started = time.monotonic()
+    log.info(
+        "demo.started",
+        rate=rate,
+        shift_after=shift_after,
+        timeout_s=timeout_s,
+        policy=str(run_dir / "policies" / source.name),
+        note="traffic: mostly fresh reviews, then mostly rotten ones; the daemon is on its own",
+    )
+    with running_daemon(run_settings, {task: policy}) as daemon:
         if not daemon.wait_ready(timeout_s=60):
             raise DistilldError("the daemon did not join its consumer group within 60 s")
-        started = time.monotonic()
-        sent = replay(daemon.kafka, lines, policy.traffic.requests_topic, rate=rate)
-
-        def all_answered(records: list[dict[str, Any]]) -> bool:
-            return expected_ids <= {r.get("id") for r in records}
-
+        registry = ModelRegistry(run_settings.registry_root / task)
+        first_version = registry.live_version()
+        topic = policy.traffic.requests_topic
+        traffic = SteadyTraffic(daemon.kafka, topic, lines, shift_index, rate)
+        traffic.start()
+        outcome = "timeout"
+        reported: set[str] = set()
+        while time.monotonic() - started < timeout_s:
+            time.sleep(1.0)
+            milestones.shifted_at = traffic.shifted_at
+            milestones.update(_alerts(daemon, task))
+            _log_progress(log, milestones, reported)
+            if traffic.error is not None:
+                raise DistilldError(f"producing the demo traffic failed: {traffic.error}")
+            if milestones.promoted is not None:
+                version = str(milestones.promoted.payload.get("version"))
+                served = _comparisons(daemon, task, version, milestones.promoted.created_at)
+                if len(served) >= AFTER_PROMOTION_COMPARISONS:
+                    outcome = "recovered"
+                    break
+            if traffic.finished:
+                outcome = "traffic_exhausted"
+                break
+        traffic.stop()
+        sent_ids = _ids(lines[: traffic.sent])
         responses = read_topic(
-            daemon.kafka, policy.traffic.responses_topic, until=all_answered, timeout_s=timeout_s
+            daemon.kafka,
+            policy.traffic.responses_topic,
+            until=lambda records: sent_ids <= {str(r.get("id")) for r in records},
+            timeout_s=180,
         )
-        elapsed = time.monotonic() - started
         dead = read_topic(
             daemon.kafka,
             policy.traffic.dead_letter_topic,
-            until=lambda r: len(r) >= len(bad),
+            until=lambda records: len(records) >= len(bad),
             timeout_s=30,
         )
-        loop_stats = daemon.stats()[0].snapshot()
-        # One monitoring check on what was served (it also runs every interval_s).
-        daemon.monitoring.shadow.wait_idle(30)
-        check = daemon.monitoring.scheduler.run_now(policy.task)
-        assert isinstance(check, CheckOutcome)  # the app's jobs return their outcome
-
-    drift = next((v for v in check.verdicts if v.metric == DRIFT_METRIC), None)
-
-    summary = summarize(split.traffic, responses, dead, sent.sent, elapsed, loop_stats)
-    summary["drift_check"] = {
-        "status": drift.status.value if drift else "disabled",
-        "drift_share": drift.value if drift else None,
-        "threshold": drift.threshold if drift else None,
-        "report_dir": str(check.report_dir) if check.report_dir else None,
-    }
-    out_dir = settings.state_dir / "demo"
+        milestones.update(_alerts(daemon, task))
+        comparisons = daemon.monitoring.store.last_comparisons(task, 100_000)
+        stats = daemon.stats()[0].snapshot()
+        report = write_report(
+            {task: policy},
+            daemon.monitoring.store,
+            {task: registry},
+            run_settings.reports_dir,
+            out_dir / "report.html",
+        )
+        gate = _gate_of(registry, milestones)
+    summary = loop_summary(
+        data=data,
+        sent_ids=sent_ids,
+        responses=responses,
+        dead=dead,
+        comparisons=comparisons,
+        milestones=milestones,
+        first_version=first_version,
+        seconds=time.monotonic() - started,
+        outcome=outcome,
+        gate=gate,
+    )
+    summary["mean_batch_size"] = stats.get("mean_batch_size")
+    summary["report"] = str(report)
+    summary["policy"] = str(run_dir / "policies" / source.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(render_summary(summary, out_dir / "summary.json"))
-    return 0 if summary["unanswered"] == 0 else 1
+    ok = summary["outcome"] == "recovered" and summary["requests"]["unanswered"] == 0
+    return 0 if ok else 1
 
 
-def summarize(
-    traffic: list[Any],
-    responses: list[dict[str, Any]],
-    dead: list[dict[str, Any]],
-    sent: int,
-    elapsed_s: float,
-    loop_stats: dict[str, Any],
+def _log_progress(log: Any, milestones: Milestones, reported: set[str]) -> None:
+    """One log line per milestone, as the daemon reaches it."""
+    for name, event in (
+        ("shift", milestones.shifted_at),
+        ("breach", milestones.breaches[0] if milestones.breaches else None),
+        ("retraining", milestones.started),
+        ("candidate", milestones.candidate),
+        ("shadow", milestones.shadow),
+        ("promoted", milestones.promoted),
+    ):
+        if event is not None and name not in reported:
+            reported.add(name)
+            log.info("demo.milestone", milestone=name)
+    for failure in milestones.failures:
+        key = f"{failure.kind}@{failure.created_at}"
+        if key not in reported:
+            reported.add(key)
+            log.warning("demo.daemon_reported", kind=failure.kind, payload=failure.payload)
+
+
+def _comparisons(
+    daemon: RunningDaemon, task: str, version: str, since: float
+) -> list[StoredComparison]:
+    return [
+        c
+        for c in daemon.monitoring.store.last_comparisons(task, 5000)
+        if c.model_version == version and c.created_at >= since
+    ]
+
+
+def _ids(lines: Sequence[bytes]) -> set[str]:
+    ids: set[str] = set()
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        # The demo's own malformed records (ids "bad-...") are meant for the dead letters.
+        if (
+            isinstance(doc, dict)
+            and isinstance(doc.get("id"), str)
+            and isinstance(doc.get("input"), str)
+            and not doc["id"].startswith("bad-")
+        ):
+            ids.add(doc["id"])
+    return ids
+
+
+def _gate_of(registry: ModelRegistry, milestones: Milestones) -> dict[str, Any] | None:
+    if milestones.promoted is None:
+        return None
+    path = registry.path(str(milestones.promoted.payload.get("version"))) / "gate.json"
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _rate(values: Sequence[float]) -> dict[str, Any]:
+    return {"value": round(sum(values) / len(values), 4) if values else None, "n": len(values)}
+
+
+def loop_summary(
+    *,
+    data: LoopData,
+    sent_ids: set[str],
+    responses: Sequence[Mapping[str, Any]],
+    dead: Sequence[Mapping[str, Any]],
+    comparisons: Sequence[StoredComparison],
+    milestones: Milestones,
+    first_version: str | None,
+    seconds: float,
+    outcome: str,
+    gate: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    by_id: dict[str, dict[str, Any]] = {}
+    """What happened, from the daemon's own records (pure: tested on its own).
+
+    Agreement "before" is the first student on the first population; "during"
+    the first student after the shift, until the promotion; "after" the
+    promoted student. Accuracy against the data set's gold labels comes from
+    the responses, split the same way by the version that answered.
+    """
+    shift = milestones.shifted_at
+    promoted = milestones.promoted
+    new_version = str(promoted.payload.get("version")) if promoted else None
+    promoted_at = promoted.created_at if promoted else None
+
+    def phase(version: str | None, at: float) -> str | None:
+        if version == first_version:
+            return "before" if shift is None or at < shift else "during"
+        if version == new_version and promoted_at is not None and at >= promoted_at:
+            return "after"
+        return None  # the candidate's answers in shadow, or another version
+
+    agreement: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    for c in comparisons:
+        name = phase(c.model_version, c.created_at)
+        if name is not None and c.score is not None:
+            agreement[name].append(float(c.score))
+
+    gold = {r.id: r.label for r in (*data.before, *data.after)}
+    after_ids = {r.id for r in data.after}
+    accuracy: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    by_id: dict[str, Mapping[str, Any]] = {}
     for response in responses:
         by_id.setdefault(str(response.get("id")), response)
-    reviews = [row for row in traffic if row.label is not None]
-    correct = sum(1 for row in reviews if by_id.get(row.id, {}).get("output") == row.label)
-    answered_reviews = sum(1 for row in reviews if row.id in by_id)
-    unanswered = [row.id for row in traffic if row.id not in by_id]
+    for request_id, response in by_id.items():
+        label = gold.get(request_id)
+        if label is None:
+            continue
+        version = str(response.get("model_version"))
+        if version == first_version:
+            name = "during" if request_id in after_ids else "before"
+        elif version == new_version:
+            name = "after"
+        else:
+            continue
+        accuracy[name].append(1.0 if response.get("output") == label else 0.0)
+
+    def since_shift(at: float | None) -> float | None:
+        return round(at - shift, 1) if at is not None and shift is not None else None
+
+    breach = milestones.breaches[0] if milestones.breaches else None
+    candidate = milestones.candidate.payload if milestones.candidate else {}
     return {
-        "sent": sent,
-        "answered": len(by_id),
-        "duplicates": len(responses) - len(by_id),
-        "unanswered": len(unanswered),
-        "dead_lettered": len(dead),
-        "dead_letter_reasons": dict(Counter(str(d.get("reason")) for d in dead)),
-        "seconds": round(elapsed_s, 2),
-        "throughput_per_s": round(len(by_id) / elapsed_s, 1) if elapsed_s > 0 else 0.0,
-        "reviews": len(reviews),
-        "review_accuracy": round(correct / answered_reviews, 4) if answered_reviews else None,
-        "plot_summaries_answered": sum(
-            1 for row in traffic if row.label is None and row.id in by_id
-        ),
-        "mean_batch_size": loop_stats.get("mean_batch_size"),
+        "outcome": outcome,
+        "seconds": round(seconds, 1),
+        "requests": {
+            "sent": len(sent_ids),
+            "answered": len(sent_ids & set(by_id)),
+            "unanswered": len(sent_ids - set(by_id)),
+            "duplicates": len(responses) - len(by_id),
+            "dead_lettered": len(dead),
+            "dead_letter_reasons": sorted({str(d.get("reason")) for d in dead}),
+        },
+        "detected": {
+            "seconds_after_shift": since_shift(breach.created_at if breach else None),
+            "metrics": sorted({a.metric for a in milestones.breaches}),
+            "first": {
+                "metric": breach.metric,
+                "segment": breach.segment,
+                "value": breach.value,
+                "threshold": breach.threshold,
+            }
+            if breach
+            else None,
+        },
+        "retraining": {
+            "started_s_after_shift": since_shift(
+                milestones.started.created_at if milestones.started else None
+            ),
+            "trigger": milestones.started.payload.get("trigger") if milestones.started else None,
+            "train_examples": candidate.get("train_examples"),
+            "dropped_by_filter": candidate.get("filtering"),
+            "attempts": candidate.get("attempts"),
+            "job_seconds": candidate.get("seconds"),
+            "gate": gate.get("summary") if gate else candidate.get("gate"),
+            "gate_checks": [
+                {k: check.get(k) for k in ("name", "passed", "value", "threshold")}
+                for check in (gate or {}).get("checks", [])
+            ],
+            "shadow_s_after_shift": since_shift(
+                milestones.shadow.created_at if milestones.shadow else None
+            ),
+            "promoted_s_after_shift": since_shift(promoted_at),
+            "promoted_version": new_version,
+            "previous_version": first_version,
+            "failures": [{"kind": f.kind, "payload": f.payload} for f in milestones.failures],
+        },
+        "agreement": {name: _rate(values) for name, values in agreement.items()},
+        "gold_accuracy": {name: _rate(values) for name, values in accuracy.items()},
     }
 
 
-def _drift_line(drift: dict[str, Any]) -> str:
-    if drift["drift_share"] is None:
-        return str(drift["status"])
-    line = (
-        f"{drift['status']} (share of drifted features {drift['drift_share']:.2f}, "
-        f"alert at {drift['threshold']:.2f})"
-    )
-    return line + (f", report {drift['report_dir']}" if drift["report_dir"] else "")
+def _pct(entry: Mapping[str, Any]) -> str:
+    value = entry.get("value")
+    return f"{value * 100:5.1f} % (n={entry['n']})" if value is not None else "   n/a"
 
 
-def render_summary(summary: dict[str, Any], path: Path) -> str:
-    accuracy = summary["review_accuracy"]
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["dead_letter_reasons"].items()))
+def render_summary(summary: Mapping[str, Any], path: Path) -> str:
+    requests = summary["requests"]
+    detected = summary["detected"]
+    retraining = summary["retraining"]
+    first = detected["first"]
     lines = [
         "",
-        "distilld demo: Rotten Tomatoes replayed through the daemon",
-        f"  requests sent           {summary['sent']}",
-        f"  answered                {summary['answered']} (duplicates {summary['duplicates']}, "
-        f"unanswered {summary['unanswered']})",
-        f"  dead-lettered           {summary['dead_lettered']} ({reasons or 'none'})",
-        f"  throughput              {summary['throughput_per_s']} answers/s "
-        f"over {summary['seconds']} s (mean batch {summary['mean_batch_size']})",
-        "  accuracy on reviews     "
-        + (f"{accuracy * 100:.1f} % of {summary['reviews']}" if accuracy is not None else "n/a"),
-        f"  plot summaries answered {summary['plot_summaries_answered']} (no gold label)",
-        f"  drift check             {_drift_line(summary['drift_check'])}",
+        "distilld demo: the closed loop on Rotten Tomatoes reviews "
+        f"({summary['outcome']}, {summary['seconds']} s)",
+        f"  requests                {requests['sent']} sent, {requests['answered']} answered, "
+        f"{requests['unanswered']} unanswered, {requests['duplicates']} duplicates, "
+        f"{requests['dead_lettered']} malformed dead-lettered",
+        "  population shift        mostly fresh -> mostly rotten reviews",
+        "  detected                "
+        + (
+            f"{detected['seconds_after_shift']} s after the shift: {first['metric']} "
+            f"{first['value']:.3f} < {first['threshold']} ({', '.join(detected['metrics'])})"
+            if first and first["value"] is not None and first["threshold"] is not None
+            else "not detected"
+        ),
+        "  retraining              "
+        + (
+            f"started {retraining['started_s_after_shift']} s after the shift "
+            f"({retraining['trigger']}), {retraining['train_examples']} teacher-labelled "
+            f"training examples, job {retraining['job_seconds']} s"
+            if retraining["started_s_after_shift"] is not None
+            else "not started"
+        ),
+        f"  gate                    {retraining['gate'] or 'n/a'}",
+        "  promoted                "
+        + (
+            f"{retraining['promoted_version']} (was {retraining['previous_version']}) "
+            f"{retraining['promoted_s_after_shift']} s after the shift, after a shadow run"
+            if retraining["promoted_version"]
+            else "nothing promoted"
+        ),
+        "  agreement with teacher  before "
+        + _pct(summary["agreement"]["before"])
+        + " | during "
+        + _pct(summary["agreement"]["during"])
+        + " | after "
+        + _pct(summary["agreement"]["after"]),
+        "  accuracy (gold labels)  before "
+        + _pct(summary["gold_accuracy"]["before"])
+        + " | during "
+        + _pct(summary["gold_accuracy"]["during"])
+        + " | after "
+        + _pct(summary["gold_accuracy"]["after"]),
+    ]
+    for failure in retraining["failures"]:
+        lines.append(f"  daemon reported         {failure['kind']}: {failure['payload']}")
+    lines += [
+        f"  report                  {summary.get('report')}",
         f"  summary file            {path}",
     ]
     return "\n".join(lines)
+
+
+__all__ = ["DEMO_OVERRIDES", "Milestones", "loop_summary", "merged", "render_summary", "run_demo"]
