@@ -170,18 +170,19 @@ else
     echo "healthcheck exit status non-zero (unhealthy), as expected"
 fi
 
-# distilld run for real, when the quick-start student exists on this machine
-# (bash daemon/dev.sh demo makes models/rotten-tomatoes-minilm): embedded
+# distilld run for real, when the quick-start models exist on this machine
+# (bash daemon/dev.sh demo makes models/rotten-tomatoes-minilm and
+# models/rotten-tomatoes-teacher): embedded
 # broker, the rotten-tomatoes policy, the healthcheck polled until it passes,
 # then SIGTERM. HTTP on port 18080 (chroot isolation shares the host's network).
 # The model goes in through a readable copy mounted at /mnt/models (not at the
 # /models volume, see above): the demo saves some files 0600 as root, and the
 # daemon runs as uid 10001.
-if [[ -d "$ROOT/models/rotten-tomatoes-minilm" ]]; then
-    say "distilld run (embedded broker, rotten-tomatoes policy and model): healthcheck, SIGTERM"
+if [[ -d "$ROOT/models/rotten-tomatoes-minilm" && -d "$ROOT/models/rotten-tomatoes-teacher" ]]; then
+    say "distilld run (embedded broker, rotten-tomatoes policy and models): healthcheck, SIGTERM"
     smoke_models="$WORK/smoke-models"
     rm -rf "$smoke_models" && mkdir -p "$smoke_models"
-    cp -r "$ROOT/models/rotten-tomatoes-minilm" "$smoke_models/"
+    cp -r "$ROOT/models/rotten-tomatoes-minilm" "$ROOT/models/rotten-tomatoes-teacher" "$smoke_models/"
     chmod -R a+rX "$smoke_models"
     smoke_ctr="$(buildah from --quiet "$IMAGE")"
     buildah copy --quiet --chown 10001:10001 "$smoke_ctr" "$ROOT/policies/rotten-tomatoes.yaml" /policies/ >/dev/null

@@ -210,18 +210,13 @@ def test_retrain_leaves_a_request_only_for_a_task_that_retrains(
     monkeypatch.setenv("DISTILLD_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("DISTILLD_POLICIES_DIR", str(REPO / "policies"))
 
-    # The shipped policy has no retraining section (its example is commented out).
-    assert main(["retrain", "rotten-tomatoes"]) == 2
+    # The shipped extraction example has no retraining section (commented out).
+    assert main(["retrain", "us-address"]) == 2
     assert "does not retrain" in capsys.readouterr().err
+    assert not (tmp_path / "state" / "requests" / "us-address.retrain").exists()
     assert main(["retrain", "unknown"]) == 2
     assert "no policy for task 'unknown'" in capsys.readouterr().err
-
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    text = (REPO / "policies" / "rotten-tomatoes.yaml").read_text()
-    teacher = "teacher:\n  backend: transformers\n  model: teacher-model\nretraining: {}\n"
-    (policies / "reviews.yaml").write_text(text + teacher)
-    monkeypatch.setenv("DISTILLD_POLICIES_DIR", str(policies))
+    # The quick-start policy retrains.
     assert main(["retrain", "rotten-tomatoes"]) == 0
     assert "retraining of 'rotten-tomatoes' requested" in capsys.readouterr().out
     assert (tmp_path / "state" / "requests" / "rotten-tomatoes.retrain").is_file()

@@ -104,9 +104,7 @@ def test_the_summary_splits_agreement_and_accuracy_by_phase_and_counts_losses() 
     milestones.update(
         [
             AlertEvent("t", "breach", "agreement", value=0.5, threshold=0.8, created_at=90),
-            AlertEvent(
-                "t", "breach", "agreement", value=0.6, threshold=0.8, created_at=130
-            ),
+            AlertEvent("t", "breach", "agreement", value=0.6, threshold=0.8, created_at=130),
             AlertEvent(
                 "t", "retrain.started", "retraining", payload={"trigger": "breach"}, created_at=131
             ),

@@ -171,15 +171,20 @@ def test_commented_out_examples_of_shipped_policies_are_valid(tmp_path: Path, pa
     text = path.read_text(encoding="utf-8")
     examples = _uncommented_examples(text)
     assert "teacher:" in examples
+    # An uncommented example replaces the active section of the same name.
+    document = {**yaml.safe_load(text), **yaml.safe_load(examples)}
 
-    policy = load_policy(_write_text(tmp_path / path.name, text + examples))
+    policy = load_policy(_write_text(tmp_path / path.name, yaml.safe_dump(document)))
 
     assert policy.teacher is not None
 
 
 def test_shipped_policies_set_the_monitors() -> None:
     quick_start = load_policy(SHIPPED_POLICIES / "rotten-tomatoes.yaml")
-    assert quick_start.teacher is None  # the demo runs without a teacher
+    # The demo's in-process teacher, and retraining on.
+    assert isinstance(quick_start.teacher, TransformersTeacherConfig)
+    assert quick_start.teacher.model == "rotten-tomatoes-teacher"
+    assert quick_start.retraining is not None
     assert quick_start.monitors.accuracy.threshold == 0.9
     assert quick_start.monitors.drift.drift_share == 0.5
     address = load_policy(SHIPPED_POLICIES / "us-address.yaml")

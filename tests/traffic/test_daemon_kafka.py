@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from distilld.demo.data import load_rows
 from distilld.policy.load import load_policy
 from distilld.settings import KafkaConfig
 from distilld.traffic.broker import EmbeddedBroker
+from distilld.traffic.records import MAX_DEAD_LETTER_ORIGINAL_BYTES, DeadLetterReason
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import ServedTask, write_sentiment_policy
 
@@ -271,3 +273,78 @@ def test_extraction_with_a_causal_lm_student_through_kafka(
             assert isinstance(response["output"], dict)
             assert set(response["output"]) <= set(schema["properties"])
             jsonschema.validate(response["output"], schema)
+
+
+def fuzzed_records(task: str, max_input_chars: int, count: int, seed: int = 5) -> list[bytes]:
+    """``count`` malformed records of every kind: random bytes, broken JSON, wrong types,
+    inputs over the limit, unknown tasks. None of them is a valid request."""
+    rng = random.Random(seed)
+    valid = {"id": "fz", "task": task, "input": "a fine film"}
+    wrong_values: list[Any] = [None, 7, 2.5, True, ["a"], {"k": "v"}, ""]
+    makers = [
+        lambda i: bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))),
+        lambda i: json.dumps({**valid, "id": f"fz-{i}"}).encode()[: rng.randint(1, 40)],
+        lambda i: json.dumps(
+            {**valid, "id": f"fz-{i}", "input": rng.choice(wrong_values)}
+        ).encode(),
+        lambda i: json.dumps({**valid, "id": rng.choice(wrong_values[:-1])}).encode(),
+        lambda i: json.dumps({**valid, "id": f"fz-{i}", "task": rng.choice(wrong_values)}).encode(),
+        lambda i: json.dumps(
+            {**valid, "id": f"fz-{i}", "input": "z" * (max_input_chars + rng.randint(1, 60_000))}
+        ).encode(),
+        lambda i: json.dumps({**valid, "id": f"fz-{i}", "task": f"no-such-task-{i}"}).encode(),
+        lambda i: json.dumps({"id": f"fz-{i}", "task": task}).encode(),
+        lambda i: json.dumps(rng.choice([[1, 2], "text", 3, None])).encode(),
+        lambda i: json.dumps({**valid, "id": f"fz-{i}", "metadata": "not an object"}).encode(),
+    ]
+    return [makers[i % len(makers)](i) for i in range(count)]
+
+
+@pytest.mark.slow
+def test_a_thousand_malformed_records_are_all_dead_lettered_and_none_answered(
+    tmp_path: Path, broker: EmbeddedBroker, minilm_sentiment_dir: Path, reviews: list[str]
+) -> None:
+    served = write_sentiment_policy(tmp_path, minilm_sentiment_dir, max_input_chars=2000)
+    task, traffic = served.policy.task, served.policy.traffic
+    bad = fuzzed_records(task, 2000, 1000)
+    good = [request(f"good-{i}", task, reviews[i]) for i in range(300)]
+    lines = list(good)
+    for i, record in enumerate(bad):  # spread through the good traffic
+        lines.insert(random.Random(i).randrange(len(lines) + 1), record)
+    with running_daemon(served.settings(broker), {task: served.policy}) as daemon:
+        assert daemon.wait_ready(60)
+        replay(daemon.kafka, lines, traffic.requests_topic)
+        wanted = {f"good-{i}" for i in range(300)}
+        responses = wait_for_ids(daemon.kafka, traffic.responses_topic, wanted, timeout_s=300)
+        dead = read_topic(
+            daemon.kafka,
+            traffic.dead_letter_topic,
+            until=lambda recs: len(recs) >= len(bad),
+            timeout_s=120,
+        )
+        # Serving goes on after the flood: a second batch of good requests is answered.
+        later = [request(f"later-{i}", task, reviews[400 + i]) for i in range(50)]
+        replay(daemon.kafka, later, traffic.requests_topic)
+        wanted_later = {f"later-{i}" for i in range(50)}
+        responses_later = wait_for_ids(daemon.kafka, traffic.responses_topic, wanted_later)
+        stats = daemon.stats()[0].snapshot()
+    answered = ids_answered(responses)
+    assert set(answered) == wanted, "a malformed record was answered"
+    assert all(n == 1 for n in answered.values())
+    assert wanted_later <= set(ids_answered(responses_later))
+    assert len(dead) == len(bad)
+    # Each one is there, byte for byte (none is over the size a dead letter keeps).
+    assert all(len(record) <= MAX_DEAD_LETTER_ORIGINAL_BYTES for record in bad)
+    assert sorted(base64.b64decode(d["original_base64"]) for d in dead) == sorted(bad)
+    reasons = Counter(d["reason"] for d in dead)
+    assert set(reasons) <= {reason.value for reason in DeadLetterReason}
+    for expected in (
+        "invalid_json",
+        "wrong_type",
+        "unknown_task",
+        "input_too_large",
+        "missing_field",
+    ):
+        assert reasons[expected] > 0, reasons
+    assert all(d["detail"] for d in dead)
+    assert stats["dead_lettered"] == len(bad)

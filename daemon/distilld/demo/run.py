@@ -54,8 +54,8 @@ DEMO_POLICY_FILE = "rotten-tomatoes.yaml"
 TEACHER_EXAMPLES = 2000  # gold reviews the teacher learns from
 FIRST_STUDENT_EXAMPLES = 800  # teacher-labelled reviews of the first population
 AFTER_SHIFT_POOL = 5000  # at most this many requests after the shift
-BEFORE_FRESH_SHARE = 0.9  # the first population: mostly fresh reviews
-AFTER_FRESH_SHARE = 0.15  # after the shift: mostly rotten reviews
+BEFORE_FRESH_SHARE = 0.95  # the first population: nearly all fresh reviews
+AFTER_FRESH_SHARE = 0.05  # after the shift: nearly all rotten reviews
 
 # Compared requests the promoted student must answer before the demo ends:
 # enough for a stable "agreement after" figure.
@@ -66,7 +66,17 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "sampling": {"base_rate": 0.5},
     "monitors": {
         "interval_s": 15,
-        "accuracy": {"window": 200, "min_samples": 100},
+        # The first student agrees with the teacher on about 88 % of the first
+        # population and about 80 % after the shift (measured once, in
+        # bench/loop.py's runs): a threshold between the two.
+        # Per-segment verdicts stay off: on windows this short a segment holds
+        # a few dozen comparisons, too few for a verdict worth acting on.
+        "accuracy": {
+            "window": 200,
+            "min_samples": 100,
+            "threshold": 0.87,
+            "segments": {"enabled": False},
+        },
         "drift": {"window": 300, "min_samples": 150},
     },
     "retraining": {
