@@ -57,7 +57,10 @@ def test_the_demo_policy_is_the_example_policy_with_shorter_intervals(tmp_path: 
     assert demo.monitors.interval_s == DEMO_OVERRIDES["monitors"]["interval_s"]
     assert demo.monitors.interval_s < example.monitors.interval_s
     assert demo.retraining is not None and example.retraining is not None
-    assert demo.retraining.training == example.retraining.training  # overrides keep the rest
+    # Overrides change what they name and keep the rest.
+    assert demo.retraining.training.learning_rate == 2e-4
+    assert demo.retraining.training.distill == example.retraining.training.distill
+    assert demo.retraining.training.epochs == example.retraining.training.epochs
     assert demo.retraining.shadow.min_comparisons == 100
 
 

@@ -97,12 +97,12 @@ def _parser() -> argparse.ArgumentParser:
         help="quick start: the closed loop on Rotten Tomatoes reviews (shift, detection, "
         "retraining, promotion, recovery), then a summary",
     )
-    demo.add_argument("--rate", type=float, default=10.0, help="requests/s replayed (default 10)")
+    demo.add_argument("--rate", type=float, default=5.0, help="requests/s replayed (default 5)")
     demo.add_argument(
         "--shift-after",
         type=int,
-        default=600,
-        help="requests of the first population before the shift (default 600)",
+        default=300,
+        help="requests of the first population before the shift (default 300)",
     )
     demo.add_argument(
         "--timeout", type=float, default=1200.0, help="give up after this many s (default 1200)"

@@ -66,21 +66,26 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "sampling": {"base_rate": 0.5},
     "monitors": {
         "interval_s": 15,
-        # The first student agrees with the teacher on about 88 % of the first
-        # population and about 80 % after the shift (measured once, in
-        # bench/loop.py's runs): a threshold between the two.
+        # The first student agrees with the teacher on about 85 % of the first
+        # population and far less after the shift: a threshold well between.
         # Per-segment verdicts stay off: on windows this short a segment holds
         # a few dozen comparisons, too few for a verdict worth acting on.
         "accuracy": {
             "window": 200,
             "min_samples": 100,
-            "threshold": 0.87,
+            "threshold": 0.75,
             "segments": {"enabled": False},
         },
         "drift": {"window": 300, "min_samples": 150},
     },
     "retraining": {
-        "size": {"min_examples": 500, "max_examples": 1000},
+        "size": {"min_examples": 600, "max_examples": 1000},
+        # Few examples, few steps: a higher rate than the default 5e-5.
+        "training": {"learning_rate": 2e-4, "batch_size": 16},
+        "gate": {"margin": 0.2},
+        # A fifth held out, not a tenth: the gate wants 100 test examples
+        # (its default) and the demo trains on hundreds, not thousands.
+        "split": {"train": 0.7, "validation": 0.1, "test": 0.2},
         "shadow": {"share": 1.0, "min_comparisons": 100},
         "triggers": {"on_breach": {"cooldown_s": 900}, "schedule": {"enabled": False}},
         "rollback": {"watch_window_s": 900},
@@ -305,7 +310,7 @@ def run_demo(settings: Settings, *, rate: float, shift_after: int, timeout_s: fl
             daemon.kafka,
             policy.traffic.responses_topic,
             until=lambda records: sent_ids <= {str(r.get("id")) for r in records},
-            timeout_s=180,
+            timeout_s=300,
         )
         dead = read_topic(
             daemon.kafka,

@@ -5,10 +5,10 @@ ships offline and trains in minutes on 2 cores):
 
 * the teacher is fine-tuned on gold labels: a stand-in for the large model a
   real deployment calls (the policy's ``teacher`` section);
-* the first student is distilled from that teacher on reviews of the first
-  population only (mostly fresh), as an earlier retraining would have done:
-  it has rarely seen a rotten review, which is what the population shift
-  exposes.
+* the first student is distilled from that teacher, briefly, on reviews of
+  the first population only (95 % fresh): it answers "fresh" to nearly
+  everything, which serves that population well and the one after the
+  shift (95 % rotten) badly.
 
 Each is saved with the drift monitor's reference (its training inputs,
 described, with its own answers on them) and a recipe file: a model built by
@@ -51,9 +51,10 @@ class Recipe:
 
 
 TEACHER_RECIPE = Recipe("teacher", epochs=2, batch_size=32, max_tokens=64, learning_rate=5e-5)
-# A higher rate on fewer examples: the first student must learn the task from
-# 800 reviews (it does, on the population it saw: about 88 % agreement).
-STUDENT_RECIPE = Recipe("first-student", epochs=2, batch_size=16, max_tokens=64, learning_rate=2e-4)
+# Briefly, at the base rate: on a population that is 95 % fresh the first
+# student learns little more than "fresh", which serves that population
+# well and the one after the shift badly.
+STUDENT_RECIPE = Recipe("first-student", epochs=1, batch_size=32, max_tokens=64, learning_rate=5e-5)
 
 
 def _recipe_key(recipe: Recipe, rows: list[Row], parent: str = "") -> str:
