@@ -20,6 +20,12 @@ def make_producer(config: KafkaConfig, **overrides: Any) -> KafkaProducer:
         "linger_ms": 2,
         "retries": 2_147_483_647,
         "max_in_flight_requests_per_connection": 5,
+        # Not idempotent: a broker that loses its producer state (a restart of
+        # a memory-only broker; measured with Tansu) answers the producer's
+        # InitProducerId with an error that kafka-python treats as fatal, and
+        # that producer never sends again. Delivery is at-least-once anyway
+        # (answers can repeat after a crash; consumers deduplicate by id).
+        "enable_idempotence": False,
         "max_request_size": max(1_048_576, config.max_message_bytes * 2),
         **config.client_kwargs(),
         **overrides,
