@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         help="quick start: the closed loop on Rotten Tomatoes reviews (shift, detection, "
         "retraining, promotion, recovery), then a summary",
     )
-    demo.add_argument("--rate", type=float, default=5.0, help="requests/s replayed (default 5)")
+    demo.add_argument("--rate", type=float, default=8.0, help="requests/s replayed (default 8)")
     demo.add_argument(
         "--shift-after",
         type=int,
