@@ -56,7 +56,7 @@ def write_policy(tmp_path: Path, student: Path, teacher: Path) -> tuple[str, dic
             "batch": {"max_size": 32, "max_wait_ms": 10},
         },
         "teacher": {"backend": "transformers", "model": str(teacher), "max_input_tokens": 48},
-        "sampling": {"base_rate": 0.2},
+        "sampling": {"base_rate": 0.1},
         "monitors": {
             "interval_s": 5,
             "accuracy": {"threshold": 0.7, "min_samples": 50, "window": 200},
@@ -67,7 +67,7 @@ def write_policy(tmp_path: Path, student: Path, teacher: Path) -> tuple[str, dic
             "filtering": {"min_teacher_confidence": 0.5},
             "training": {"epochs": 3, "batch_size": 16, "learning_rate": 3e-4, "max_tokens": 32},
             "gate": {"min_test_examples": 20, "margin": 0.4, "live_tolerance": 0.05},
-            "shadow": {"share": 1.0, "min_comparisons": 30, "tolerance": 0.05},
+            "shadow": {"share": 1.0, "min_comparisons": 20, "tolerance": 0.05},
             "rollback": {"min_comparisons": 100_000},
             "triggers": {"schedule": {"enabled": False}, "on_breach": {"cooldown_s": 1}},
         },
@@ -79,6 +79,7 @@ def write_policy(tmp_path: Path, student: Path, teacher: Path) -> tuple[str, dic
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # about 8 minutes alone on 2 cores; much longer on a busy machine
 def test_five_sigkills_lose_no_request_and_leave_one_live_version(
     tmp_path: Path,
     broker: EmbeddedBroker,

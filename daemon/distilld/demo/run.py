@@ -66,14 +66,15 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "sampling": {"base_rate": 0.5},
     "monitors": {
         "interval_s": 15,
-        # The first student agrees with the teacher on about 85 % of the first
-        # population and far less after the shift: a threshold well between.
+        # The first student agrees with the teacher on about 76 % of the first
+        # population and on about 24 % after the shift (measured in a demo
+        # run): a threshold well between.
         # Per-segment verdicts stay off: on windows this short a segment holds
         # a few dozen comparisons, too few for a verdict worth acting on.
         "accuracy": {
             "window": 200,
             "min_samples": 100,
-            "threshold": 0.75,
+            "threshold": 0.65,
             "segments": {"enabled": False},
         },
         "drift": {"window": 300, "min_samples": 150},
@@ -82,9 +83,11 @@ DEMO_OVERRIDES: dict[str, Any] = {
         "size": {"min_examples": 800, "max_examples": 1600},
         # Few examples, few steps: a higher rate than the default 5e-5.
         "training": {"learning_rate": 2e-4, "batch_size": 16},
-        # The candidate must agree with the teacher at least as well as the
-        # monitor asks of the live student (0.75).
-        "gate": {"margin": 0.25, "segment_margin": 0.3},
+        # The candidate must agree with the teacher on 75 % of the held-out set.
+        # The first retraining starts about 30 s after the shift, with some
+        # 500 inputs to choose from: a held-out fifth of them is under the
+        # gate's default minimum of 100 test examples.
+        "gate": {"margin": 0.25, "segment_margin": 0.3, "min_test_examples": 60},
         # A fifth held out, not a tenth: the gate wants 100 test examples
         # (its default) and the demo trains on hundreds, not thousands.
         "split": {"train": 0.7, "validation": 0.1, "test": 0.2},
@@ -560,9 +563,16 @@ def render_summary(summary: Mapping[str, Any], path: Path) -> str:
         ),
         "  retraining              "
         + (
-            f"started {retraining['started_s_after_shift']} s after the shift "
-            f"({retraining['trigger']}), {retraining['train_examples']} teacher-labelled "
-            f"training examples, job {retraining['job_seconds']} s"
+            (
+                f"started {retraining['started_s_after_shift']} s after the shift "
+                f"({retraining['trigger']}), "
+                + (
+                    f"{retraining['train_examples']} teacher-labelled training examples, "
+                    f"job {retraining['job_seconds']} s"
+                    if retraining["train_examples"] is not None
+                    else "no candidate passed the gate (below)"
+                )
+            )
             if retraining["started_s_after_shift"] is not None
             else "not started"
         ),
