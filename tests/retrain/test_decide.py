@@ -39,6 +39,20 @@ def test_one_retraining_per_task_whatever_the_trigger() -> None:
         assert "already running" in decision.why
 
 
+def test_a_candidate_in_shadow_holds_breaches_and_the_schedule_but_not_a_request() -> None:
+    cfg = config()
+    for trigger in ("breach", "schedule"):
+        decision = may_start(
+            trigger, cfg, running=False, last_started_at=None, now=0.0, in_shadow="v0003"
+        )
+        assert not decision.start
+        assert "v0003 is in its shadow run" in decision.why
+    manual = may_start(
+        "manual", cfg, running=False, last_started_at=None, now=0.0, in_shadow="v0003"
+    )
+    assert manual.start
+
+
 def test_the_cooldown_applies_to_breaches_only() -> None:
     cfg = config(triggers={"on_breach": {"cooldown_s": 600}})
 

@@ -46,12 +46,23 @@ def may_start(
     running: bool,
     last_started_at: float | None,
     now: float,
+    in_shadow: str | None = None,
 ) -> StartDecision:
-    """Whether ``trigger`` starts a retraining of the task now."""
+    """Whether ``trigger`` starts a retraining of the task now.
+
+    ``in_shadow``: the version of a candidate in its shadow run, if any. Its
+    verdict comes first: a breach or the schedule does not start another
+    retraining meanwhile (the candidate is the answer to the breach); a
+    request by hand does, and its candidate replaces the one in shadow.
+    """
     if not config.enabled:
         return StartDecision(False, "retraining is disabled in the policy")
     if running:
         return StartDecision(False, "a retraining of this task is already running")
+    if in_shadow is not None and trigger != "manual":
+        return StartDecision(
+            False, f"candidate {in_shadow} is in its shadow run; its verdict comes first"
+        )
     triggers = config.triggers
     if trigger == "breach":
         if not triggers.on_breach.enabled:

@@ -237,6 +237,7 @@ class RetrainManager:
             self._log.info("retrain.skipped", task=task, trigger=trigger, why=why)
             return StartDecision(False, why)
         now = self._clock()
+        in_shadow = next((m.version for m in spec.registry.list() if m.state == "shadow"), None)
         with self._lock:
             state = self._states[task]
             alive = state.running is not None and state.running.is_alive()
@@ -246,6 +247,7 @@ class RetrainManager:
                 running=alive,
                 last_started_at=state.last_started_at,
                 now=now,
+                in_shadow=in_shadow,
             )
             if not decision.start:
                 self._log.info("retrain.skipped", task=task, trigger=trigger, why=decision.why)
