@@ -348,6 +348,11 @@ def run_demo(settings: Settings, *, rate: float, shift_after: int, timeout_s: fl
         outcome=outcome,
         gate=gate,
     )
+    after = summary["agreement"]["after"]["value"]
+    threshold = policy.monitors.accuracy.threshold
+    if outcome == "recovered" and (after is None or after < threshold):
+        # Promoted, but the new student does not meet the monitor's bar either.
+        summary["outcome"] = "promoted_without_recovery"
     summary["mean_batch_size"] = stats.get("mean_batch_size")
     summary["report"] = str(report)
     summary["policy"] = str(run_dir / "policies" / source.name)
