@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,21 @@ from distilld.traffic.replay import read_topic, replay
 from support.kafka import TEST_SESSION_TIMEOUT_MS, sentiment_task, unique
 
 TOTAL = 10_000
-RATE = 40.0  # requests/s: traffic lasts about four minutes, past the promotion
+# Two speeds: most of the run fast, the end slowly, so that requests still
+# arrive when the retrained candidate needs live comparisons for its shadow
+# run, on a quiet machine (training done early) as on a busy one.
+FAST, FAST_RATE = 8_500, 40.0  # about 3.5 minutes
+SLOW_RATE = 10.0  # the last 1,500: 2.5 more minutes
+
+
+def paced(lines: list[bytes]) -> Iterator[bytes]:
+    start = time.monotonic()
+    for i, line in enumerate(lines):
+        due = i / FAST_RATE if i < FAST else FAST / FAST_RATE + (i - FAST) / SLOW_RATE
+        delay = start + due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield line
 
 
 def events(log: Path, since: int = 0) -> list[dict[str, Any]]:
@@ -56,7 +70,7 @@ def write_policy(tmp_path: Path, student: Path, teacher: Path) -> tuple[str, dic
             "batch": {"max_size": 32, "max_wait_ms": 10},
         },
         "teacher": {"backend": "transformers", "model": str(teacher), "max_input_tokens": 48},
-        "sampling": {"base_rate": 0.1},
+        "sampling": {"base_rate": 0.2},
         "monitors": {
             "interval_s": 5,
             "accuracy": {"threshold": 0.7, "min_samples": 50, "window": 200},
@@ -118,7 +132,7 @@ def test_five_sigkills_lose_no_request_and_leave_one_live_version(
     kafka = Settings(kafka_bootstrap_servers=broker.bootstrap_servers).kafka()
     topics = document["traffic"]
     producer = threading.Thread(
-        target=replay, args=(kafka, lines, topics["requests_topic"], RATE), daemon=True
+        target=replay, args=(kafka, paced(lines), topics["requests_topic"]), daemon=True
     )
 
     def started_at(since: int) -> float | None:
