@@ -11,7 +11,7 @@ responses) and prints a summary. Nothing in the daemon knows it is a demo.
 
 The demo compresses time: the overrides in :data:`DEMO_OVERRIDES` shorten the
 example policy's production intervals and sizes (checks every 15 s instead of
-5 min, 500 retraining examples instead of 1,000...). The policy the daemon
+5 min, 800 retraining examples instead of 1,000...). The policy the daemon
 ran is written beside the summary.
 """
 
