@@ -21,7 +21,8 @@ from distilld.demo.run import (
 )
 from distilld.errors import ConfigError
 from distilld.policy.load import load_policy
-from distilld.store.base import AlertEvent, StoredComparison
+from distilld.store.base import AlertEvent
+from support.records import comparison
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,24 +82,6 @@ def test_merged_applies_nested_changes_key_by_key() -> None:
     assert base["a"] == {"b": 1, "c": {"d": 2, "e": 3}}  # the base is not modified
 
 
-def _comparison(version: str, at: float, score: float) -> StoredComparison:
-    return StoredComparison(
-        task="t",
-        request_id=f"{version}-{at}",
-        segment={},
-        input_text="x",
-        student_output="fresh",
-        student_confidence=0.9,
-        model_version=version,
-        teacher_output="fresh",
-        teacher_confidence=0.9,
-        teacher_probabilities=None,
-        score=score,
-        schema_valid=True,
-        created_at=at,
-    )
-
-
 def test_the_summary_splits_agreement_and_accuracy_by_phase_and_counts_losses() -> None:
     before = [Row("b1", "good", "fresh"), Row("b2", "fine", "fresh")]
     after = [Row("a1", "bad", "rotten"), Row("a2", "awful", "rotten"), Row("a3", "dull", "rotten")]
@@ -124,12 +107,12 @@ def test_the_summary_splits_agreement_and_accuracy_by_phase_and_counts_losses() 
         ]
     )
     comparisons = [
-        _comparison("v0001", 50, 1.0),
-        _comparison("v0001", 60, 1.0),
-        _comparison("v0001", 120, 0.0),
-        _comparison("v0001", 140, 1.0),
-        _comparison("v0002", 150, 0.0),  # the candidate in shadow: no phase
-        _comparison("v0002", 260, 1.0),
+        comparison("v0001-50", "v0001", 1.0, at=50),
+        comparison("v0001-60", "v0001", 1.0, at=60),
+        comparison("v0001-120", "v0001", 0.0, at=120),
+        comparison("v0001-140", "v0001", 1.0, at=140),
+        comparison("v0002-150", "v0002", 0.0, at=150),  # the candidate in shadow: no phase
+        comparison("v0002-260", "v0002", 1.0, at=260),
     ]
     responses = [
         {"id": "b1", "output": "fresh", "model_version": "v0001"},
