@@ -546,6 +546,10 @@ def _pct(entry: Mapping[str, Any]) -> str:
     return f"{value * 100:5.1f} % (n={entry['n']})" if value is not None else "   n/a"
 
 
+def _phases(by_phase: Mapping[str, Mapping[str, Any]]) -> str:
+    return " | ".join(f"{name} {_pct(by_phase[name])}" for name in ("before", "during", "after"))
+
+
 def render_summary(summary: Mapping[str, Any], path: Path) -> str:
     requests = summary["requests"]
     detected = summary["detected"]
@@ -589,18 +593,8 @@ def render_summary(summary: Mapping[str, Any], path: Path) -> str:
             if retraining["promoted_version"]
             else "nothing promoted"
         ),
-        "  agreement with teacher  before "
-        + _pct(summary["agreement"]["before"])
-        + " | during "
-        + _pct(summary["agreement"]["during"])
-        + " | after "
-        + _pct(summary["agreement"]["after"]),
-        "  accuracy (gold labels)  before "
-        + _pct(summary["gold_accuracy"]["before"])
-        + " | during "
-        + _pct(summary["gold_accuracy"]["during"])
-        + " | after "
-        + _pct(summary["gold_accuracy"]["after"]),
+        "  agreement with teacher  " + _phases(summary["agreement"]),
+        "  accuracy (gold labels)  " + _phases(summary["gold_accuracy"]),
     ]
     for failure in retraining["failures"]:
         lines.append(f"  daemon reported         {failure['kind']}: {failure['payload']}")

@@ -75,6 +75,18 @@ def _mark(model_dir: Path, key: str, recipe: Recipe, examples: int) -> None:
     (model_dir / RECIPE_FILE).write_text(json.dumps(record, indent=2))
 
 
+def _train(dest: Path, rows: list[Row], labels: list[str], recipe: Recipe) -> None:
+    train_quickstart_student(
+        dest,
+        rows,
+        labels,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        max_tokens=recipe.max_tokens,
+        learning_rate=recipe.learning_rate,
+    )
+
+
 def ensure_demo_models(models_dir: Path, policy: Policy, data: LoopData) -> tuple[Path, Path]:
     """The demo's teacher and first student (built on first use, then reused):
     ``(teacher_dir, student_dir)`` under ``models_dir`` as the policy names them."""
@@ -102,15 +114,7 @@ def ensure_demo_models(models_dir: Path, policy: Policy, data: LoopData) -> tupl
             gold_examples=len(data.teacher_train),
             note="once (a few minutes), cached for later runs",
         )
-        train_quickstart_student(
-            teacher_dir,
-            data.teacher_train,
-            labels,
-            epochs=TEACHER_RECIPE.epochs,
-            batch_size=TEACHER_RECIPE.batch_size,
-            max_tokens=TEACHER_RECIPE.max_tokens,
-            learning_rate=TEACHER_RECIPE.learning_rate,
-        )
+        _train(teacher_dir, data.teacher_train, labels, TEACHER_RECIPE)
         _mark(teacher_dir, teacher_key, TEACHER_RECIPE, len(data.teacher_train))
 
     student_key = _recipe_key(STUDENT_RECIPE, data.student_train, parent=teacher_key)
@@ -134,15 +138,7 @@ def ensure_demo_models(models_dir: Path, policy: Policy, data: LoopData) -> tupl
             teacher_labelled_examples=len(labelled),
             note="distilled from the teacher on the first population only; once, cached",
         )
-        train_quickstart_student(
-            student_dir,
-            labelled,
-            labels,
-            epochs=STUDENT_RECIPE.epochs,
-            batch_size=STUDENT_RECIPE.batch_size,
-            max_tokens=STUDENT_RECIPE.max_tokens,
-            learning_rate=STUDENT_RECIPE.learning_rate,
-        )
+        _train(student_dir, labelled, labels, STUDENT_RECIPE)
         _mark(student_dir, student_key, STUDENT_RECIPE, len(labelled))
     return teacher_dir, student_dir
 
