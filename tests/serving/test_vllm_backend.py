@@ -6,8 +6,6 @@ Slow: they need the vLLM server (minutes to start the first time on a machine).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,54 +376,3 @@ def test_a_switch_to_a_version_that_does_not_start_keeps_the_old_one_serving(
         responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=300)
     assert {r["id"] for r in responses} == ids
     assert {r["model_version"] for r in responses} == {"v1"}
-
-
-def test_vllm_killed_mid_stream_every_request_is_answered(
-    tmp_path: Path, broker: EmbeddedBroker, smollm2_dir: Path
-) -> None:
-    # A managed server of its own (the shared one must not be killed), serving the
-    # SmolLM2 directory under its own name.
-    path, task = _managed_policy(tmp_path, smollm2_dir.name, concurrency=16)
-    policy = load_policy(path)
-    texts = _reviews(200)
-    ids = {f"k-{i}" for i in range(200)}
-    with running_daemon(_settings(broker, tmp_path, smollm2_dir.parent), {task: policy}) as d:
-        assert d.wait_ready(60)
-        replay(d.kafka, _requests(task, texts, "k"), policy.traffic.requests_topic)
-        read_topic(
-            d.kafka,
-            policy.traffic.responses_topic,
-            timeout_s=300,
-            until=lambda recs: len(recs) >= 30,
-        )
-        log = tmp_path / "state" / "logs" / f"vllm-{task}.log"
-        pids = [p for p in _server_pids(smollm2_dir) if p != os.getpid()]
-        assert pids, "no managed vLLM server found"
-        for pid in pids:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=600)
-        dead = read_topic(
-            d.kafka, policy.traffic.dead_letter_topic, until=lambda recs: False, timeout_s=2
-        )
-    assert ids <= {str(r["id"]) for r in responses}, log.read_text()[-2000:]
-    assert dead == []
-
-
-def _server_pids(model_dir: Path) -> list[int]:
-    """vLLM api_server processes serving ``model_dir`` other than the shared fixture's."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            b"vllm.entrypoints.openai.api_server" in cmdline
-            and str(model_dir).encode() in cmdline
-            and b"--served-model-name" in cmdline
-            and model_dir.name.encode() in cmdline
-        ):
-            found.append(int(entry.name))
-    return found
