@@ -15,9 +15,9 @@ prints from that one run:
 
   * RSS when traffic starts, at each tenth of the requests sent, at the end,
     and the peak (VmHWM);
-  * the least-squares slope of RSS over the second half of the run and over
-    the whole run after the first tenth (warm-up: models, Evidently, caches),
-    in MiB per minute and in MiB per 10,000 requests;
+  * the least-squares slope of RSS over the second half of the run, its last
+    third, and the whole run after the first tenth (warm-up: models,
+    Evidently, caches), in MiB per minute, and per 10,000 requests sent;
   * requests answered, lost (never answered, must be 0), duplicated, the
     checks run and the alerts they raised, and the daemon's exit code on
     SIGTERM at the end (0: drained and stopped cleanly).
@@ -243,6 +243,7 @@ def main() -> int:
     seconds = samples[-1][0]
     warm = [(t / 60, r) for t, _, r in samples if t >= seconds / 10]
     second_half = [(t / 60, r) for t, _, r in samples if t >= seconds / 2]
+    last_third = [(t / 60, r) for t, _, r in samples if t >= seconds * 2 / 3]
     # Per request: only while requests were still being sent (the count stands
     # still while the backlog drains).
     traffic_s = next((t for t, s, _ in samples if s >= args.requests), seconds)
@@ -270,6 +271,7 @@ def main() -> int:
         "rss_mib_end": rounded(final_rss),
         "peak_rss_mib": rounded(peak),
         "slope_mib_per_min_second_half": rounded(slope(second_half)),
+        "slope_mib_per_min_last_third": rounded(slope(last_third)),
         "slope_mib_per_min_after_warmup": rounded(slope(warm)),
         "slope_mib_per_10k_requests_after_warmup": rounded(slope(per_request)),
         "exit_code_on_sigterm": code,
