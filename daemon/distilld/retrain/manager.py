@@ -237,12 +237,8 @@ class RetrainManager:
             self._log.info("retrain.skipped", task=task, trigger=trigger, why=why)
             return StartDecision(False, why)
         now = self._clock()
-        # Read only where it can matter: a request by hand is not held by a shadow run.
-        in_shadow = (
-            None
-            if trigger == "manual"
-            else next((m.version for m in spec.registry.list() if m.state == "shadow"), None)
-        )
+        # Whether a shadow run holds this trigger is decided in may_start.
+        in_shadow = next((m.version for m in spec.registry.list() if m.state == "shadow"), None)
         with self._lock:
             state = self._states[task]
             alive = state.running is not None and state.running.is_alive()
