@@ -34,10 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from distilld.app import RunningDaemon, running_daemon  # noqa: E402
 from distilld.demo.data import load_rows  # noqa: E402
 from distilld.log import configure_logging  # noqa: E402
-from distilld.settings import Settings  # noqa: E402
 from distilld.traffic.broker import EmbeddedBroker  # noqa: E402
 from distilld.traffic.replay import read_topic, replay  # noqa: E402
-from serving import student_dir, write_policy  # noqa: E402
+from serving import bench_settings, student_dir, write_policy  # noqa: E402
 from support.fuzz import fuzzed_records  # noqa: E402
 
 
@@ -72,13 +71,7 @@ def main() -> int:
     model = student_dir()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         root = Path(tmp)
-        settings = Settings(
-            kafka_bootstrap_servers=broker.bootstrap_servers,
-            kafka_session_timeout_ms=6000,
-            models_dir=model.parent,
-            state_dir=root / "state",
-            http_port=0,
-        )
+        settings = bench_settings(broker, model, root)
         policy = write_policy(root, "bench-faults", model, 8, 10)
         # write_policy keeps the default input limit; the fuzz generator's
         # oversized inputs are sized against the policy's own limit.

@@ -41,15 +41,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from distilld.demo.run import run_demo
 from distilld.log import configure_logging
 from distilld.settings import Settings
+from soak import slope, status_mib
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class RssSampler:
@@ -72,19 +66,11 @@ class RssSampler:
     def _run(self) -> None:
         start = time.monotonic()
         while not self._stop.wait(self._every_s):
-            self.samples.append((time.monotonic() - start, rss_mib()))
+            self.samples.append((time.monotonic() - start, status_mib(os.getpid(), "VmRSS") or 0.0))
 
     def slope_mib_per_min(self) -> float | None:
         """Least-squares slope over the second half of the samples (after warm-up)."""
-        half = self.samples[len(self.samples) // 2 :]
-        if len(half) < 3:
-            return None
-        n = len(half)
-        mean_t = sum(t for t, _ in half) / n
-        mean_r = sum(r for _, r in half) / n
-        var = sum((t - mean_t) ** 2 for t, _ in half)
-        cov = sum((t - mean_t) * (r - mean_r) for t, r in half)
-        return cov / var * 60 if var else None
+        return slope([(t / 60, r) for t, r in self.samples[len(self.samples) // 2 :]])
 
 
 def main() -> int:

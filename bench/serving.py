@@ -54,6 +54,17 @@ def student_dir() -> Path:
     return dest
 
 
+def bench_settings(broker: EmbeddedBroker, model: Path, root: Path) -> Settings:
+    """A daemon on ``broker`` serving from ``model``'s directory, its state under ``root``."""
+    return Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        kafka_session_timeout_ms=6000,
+        models_dir=model.parent,
+        state_dir=root / "state",
+        http_port=0,  # a free port: a busy 8080 must not fail a benchmark
+    )
+
+
 def write_policy(directory: Path, name: str, model: Path, batch: int, wait_ms: int) -> Policy:
     path = directory / f"{name}.yaml"
     path.write_text(
@@ -124,12 +135,7 @@ def main() -> None:
     model = student_dir()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         root = Path(tmp)
-        settings = Settings(
-            kafka_bootstrap_servers=broker.bootstrap_servers,
-            kafka_session_timeout_ms=6000,
-            models_dir=model.parent,
-            state_dir=root / "state",
-        )
+        settings = bench_settings(broker, model, root)
         batched = write_policy(root, "bench-batched", model, args.batch, 10)
         single = write_policy(root, "bench-single", model, 1, 0)
         results = {

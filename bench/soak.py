@@ -47,15 +47,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import yaml
 
-from distilld.demo.data import load_rows, loop_data
-from distilld.demo.run import (
-    AFTER_FRESH_SHARE,
-    AFTER_SHIFT_POOL,
-    BEFORE_FRESH_SHARE,
-    FIRST_STUDENT_EXAMPLES,
-    TEACHER_EXAMPLES,
-    merged,
-)
+from distilld.demo.data import load_rows
+from distilld.demo.run import demo_data, merged
 from distilld.demo.student import ensure_demo_models
 from distilld.log import configure_logging
 from distilld.policy.load import load_policy
@@ -146,16 +139,8 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="distilld-soak-"))
     policies = state / "policies"
     policy = load_policy(soak_policy(policies, args.interval))
-    data = loop_data(
-        load_rows(),
-        teacher_size=TEACHER_EXAMPLES,
-        student_size=FIRST_STUDENT_EXAMPLES,
-        before_size=300,
-        after_size=AFTER_SHIFT_POOL,
-        before_fresh_share=BEFORE_FRESH_SHARE,
-        after_fresh_share=AFTER_FRESH_SHARE,
-    )
-    ensure_demo_models(models_dir, policy, data)  # the demo's models, built once
+    # The demo's models, built once (the shift point does not change them).
+    ensure_demo_models(models_dir, policy, demo_data(shift_after=300))
 
     texts = [r.text for r in load_rows() if r.text.strip()]
     task = policy.task

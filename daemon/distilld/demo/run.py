@@ -229,6 +229,20 @@ def _alerts(daemon: RunningDaemon, task: str) -> list[AlertEvent]:
 # --------------------------------------------------------------------------- the run
 
 
+def demo_data(shift_after: int) -> LoopData:
+    """The demo's parts of the Rotten Tomatoes reviews, ``shift_after`` requests before
+    the shift (the teacher's and the first student's training rows do not depend on it)."""
+    return loop_data(
+        load_rows(),
+        teacher_size=TEACHER_EXAMPLES,
+        student_size=FIRST_STUDENT_EXAMPLES,
+        before_size=shift_after,
+        after_size=AFTER_SHIFT_POOL,
+        before_fresh_share=BEFORE_FRESH_SHARE,
+        after_fresh_share=AFTER_FRESH_SHARE,
+    )
+
+
 def run_demo(settings: Settings, *, rate: float, shift_after: int, timeout_s: float) -> int:
     log = get_logger("demo")
     source = settings.policies_dir / DEMO_POLICY_FILE
@@ -246,15 +260,7 @@ def run_demo(settings: Settings, *, rate: float, shift_after: int, timeout_s: fl
     if policy.labels is None or sorted(policy.labels) != sorted(LABELS):
         raise ConfigError(f"{source} must be the Rotten Tomatoes policy (labels {LABELS})")
 
-    data = loop_data(
-        load_rows(),
-        teacher_size=TEACHER_EXAMPLES,
-        student_size=FIRST_STUDENT_EXAMPLES,
-        before_size=shift_after,
-        after_size=AFTER_SHIFT_POOL,
-        before_fresh_share=BEFORE_FRESH_SHARE,
-        after_fresh_share=AFTER_FRESH_SHARE,
-    )
+    data = demo_data(shift_after)
     ensure_demo_models(settings.models_dir, policy, data)
 
     bad = malformed_lines(policy.task, policy.traffic.max_input_chars)
