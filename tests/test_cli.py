@@ -21,11 +21,58 @@ from support.kafka import unique, write_sentiment_policy
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_policy_validate_accepts_the_shipped_examples(capsys: pytest.CaptureFixture[str]) -> None:
+def test_policy_validate_accepts_the_shipped_examples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Away from the daemon's machine: its models directory is not here.
+    monkeypatch.setenv("DISTILLD_MODELS_DIR", str(tmp_path / "not-here"))
     assert main(["policy", "validate", str(REPO / "policies")]) == 0
     out = capsys.readouterr().out
+    assert "ok: " in out
     assert "task 'rotten-tomatoes'" in out
     assert "task 'us-address'" in out
+    assert "not checked here: task 'rotten-tomatoes': student.model" in out
+    assert "does not exist here" in out
+
+
+def test_policy_validate_checks_models_and_secrets_where_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    student = models / "student"
+    student.mkdir(parents=True)
+    (student / "config.json").write_text("{}")
+    (student / "model.safetensors").write_bytes(b"only looked at, never loaded")
+    served = write_sentiment_policy(tmp_path, student)
+    path = next(served.policies_dir.glob("*.yaml"))
+    original = path.read_text()
+    monkeypatch.setenv("DISTILLD_MODELS_DIR", str(models))
+    monkeypatch.delenv("DISTILLD_TEST_CLI_KEY", raising=False)
+
+    assert main(["policy", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"ok: {path}: task {served.policy.task!r}" in out
+    assert "not checked here:" in out and "loads as a sequence-classification student" in out
+
+    path.write_text(original + "teacher:\n  backend: transformers\n  model: gone\n")
+    assert main(["policy", "validate", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "ok: " not in captured.out
+    assert f"{path}: task {served.policy.task!r}: model directory" in captured.err
+    assert "(teacher.model 'gone') does not exist" in captured.err
+
+    path.write_text(
+        original + "teacher:\n  backend: openai\n  base_url: http://127.0.0.1:9/v1\n"
+        "  model: judge\n  api_key_env: DISTILLD_TEST_CLI_KEY\n"
+        '  prompt: "Answer fresh or rotten.\\nText: {input}"\n'
+    )
+    assert main(["policy", "validate", str(served.policies_dir)]) == 2
+    captured = capsys.readouterr()
+    assert "DISTILLD_TEST_CLI_KEY" in captured.err
+    monkeypatch.setenv("DISTILLD_TEST_CLI_KEY", "a key")
+    assert main(["policy", "validate", str(served.policies_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "the teacher endpoint http://127.0.0.1:9/v1 is reached only by the running" in out
 
 
 def test_policy_validate_names_file_and_field_and_exits_2(
@@ -38,6 +85,22 @@ def test_policy_validate_names_file_and_field_and_exits_2(
     err = capsys.readouterr().err
     assert f"{bad}: student.batch.max_size" in err
     assert "Traceback" not in err
+
+
+def test_policy_validate_warns_when_min_examples_cannot_fill_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = (REPO / "policies" / "rotten-tomatoes.yaml").read_text()
+    small = tmp_path / "small.yaml"
+    small.write_text(
+        good.replace("min_examples: 1000", "min_examples: 300").replace(
+            "gate: {margin: 0.15,", "gate: {min_test_examples: 40, margin: 0.15,"
+        )
+    )
+    assert main(["policy", "validate", str(small)]) == 0  # a warning, not an error
+    out = capsys.readouterr().out
+    assert "warning:" in out and "min_examples is 300" in out
+    assert "the first attempt selects 400 inputs instead" in out
 
 
 def test_policy_schema_is_json_with_the_policy_sections(

@@ -27,3 +27,17 @@ def test_events_are_json_lines_and_alerts_are_marked(capsys: pytest.CaptureFixtu
     assert failure["severity"] == "error"
     assert failure["task"] == "t"
     assert failure["timestamp"].endswith("Z")
+
+
+def test_no_log_field_is_longer_than_the_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    from distilld.echo import LOG_FIELD_CHARS
+
+    configure_logging("INFO", "json")
+    huge = "\u0085" * 400_000
+    alert(get_logger("serving"), "serving.send_failed", error=huge, detail={"task": huge})
+    line = capsys.readouterr().out.strip()
+    # JSON writes U+0085 as 6 characters ("\u0085"): two fields of 6 x the bound at most.
+    assert len(line) < 2 * 6 * (LOG_FIELD_CHARS + 10) + 500
+    event = json.loads(line)
+    assert event["error"] == "\u0085" * LOG_FIELD_CHARS + "..."
+    assert event["detail"]["task"] == "\u0085" * LOG_FIELD_CHARS + "..."

@@ -105,6 +105,52 @@ def test_register_refuses_bad_input(tmp_path: Path) -> None:
         registry.get("v0099")
 
 
+@pytest.mark.parametrize("name", ["v1\n", "v0001\n", "good\n", "v1\nv2"])
+def test_a_version_name_with_a_newline_is_refused(tmp_path: Path, name: str) -> None:
+    # The pattern ends in "$", which re.match lets match before a final newline.
+    registry = _registry(tmp_path, 1)
+    with pytest.raises(RegistryError, match="invalid version name"):
+        registry.register(_model(tmp_path, "n"), Manifest(version=name))
+    with pytest.raises(RegistryError, match="invalid version name"):
+        registry.path(name)
+    with pytest.raises(RegistryError, match="invalid version name"):
+        registry.promote(name)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_register_fsyncs_every_file_and_directory_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy: bool
+) -> None:
+    # After a power loss LIVE must never name a truncated weights file: every file
+    # of the version, and its directories, reach the disk before the version exists.
+    registry = ModelRegistry(tmp_path / "registry")
+    source = _model(tmp_path, "a")
+    (source / "tokenizer").mkdir()
+    (source / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    synced: list[tuple[str, bool]] = []  # (path, the version already renamed into place)
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        renamed = any((registry.root / "versions").iterdir())
+        synced.append((path, renamed))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    version = registry.register(source, Manifest(task="reviews"), copy=copy)
+
+    final = registry.path(version)
+    staged = {Path(path) for path, renamed in synced if not renamed}
+    for relative in ("model.safetensors", "config.json", "tokenizer/vocab.txt", "tokenizer"):
+        assert any(
+            p.parts[-len(Path(relative).parts) :] == Path(relative).parts and ".staging" in p.parts
+            for p in staged
+        ), relative
+        assert (final / relative).exists()
+    assert any(p.parent.name == ".staging" for p in staged)  # the version directory itself
+    assert (str(registry.root / "versions"), True) in synced  # its name, after the rename
+
+
 def test_promote_and_rollback(tmp_path: Path) -> None:
     registry = _registry(tmp_path, 3)
     registry.set_state("v0001", "shadow")

@@ -10,6 +10,8 @@ limit).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,9 +22,10 @@ from distilld.app import RunningDaemon, serve
 from distilld.log import configure_logging
 from distilld.policy.load import load_policies
 from distilld.policy.watch import PolicyWatcher, fingerprint
+from distilld.settings import KafkaConfig, Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
-from support.kafka import write_sentiment_policy
+from support.kafka import TEST_SESSION_TIMEOUT_MS, write_sentiment_policy
 
 
 def logged(output: str, event: str) -> list[dict[str, object]]:
@@ -145,3 +148,189 @@ def wait_for(condition: object, what: str, timeout_s: float = 120) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for: {what}"
         time.sleep(0.2)
+
+
+def test_the_watcher_refuses_a_valid_set_that_cannot_start_and_can_revert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    served = write_sentiment_policy(tmp_path, tmp_path / "models" / "student")
+    path = next(served.policies_dir.glob("*.yaml"))
+    original = path.read_text()
+    in_force = load_policies(served.policies_dir)
+    verdicts: list[list[str]] = [["task x: teacher.model 'gone' does not exist"]]
+    watcher = PolicyWatcher(served.policies_dir, in_force, check=lambda _: verdicts[0])
+
+    path.write_text(original.replace("max_size: 8", "max_size: 4"))
+    assert watcher.poll() is None  # valid, but it cannot start here
+    rejected = logged(capsys.readouterr().out, "policy.reload_rejected")
+    assert len(rejected) == 1
+    assert rejected[0]["problems"] == verdicts[0]
+    assert watcher.current is in_force
+    assert watcher.poll() is None  # the same files are not tried (or alerted) again
+    assert logged(capsys.readouterr().out, "policy.reload_rejected") == []
+
+    verdicts[0] = []
+    path.write_text(original.replace("max_size: 8", "max_size: 2"))
+    reloaded = watcher.poll()
+    assert reloaded is not None and watcher.current is reloaded
+
+    # The caller could not start it after all and started the previous set again.
+    watcher.revert(in_force, "ModelLoadError: could not load the student")
+    rejected = logged(capsys.readouterr().out, "policy.reload_rejected")
+    assert len(rejected) == 1
+    assert rejected[0]["problems"] == ["ModelLoadError: could not load the student"]
+    assert watcher.current is in_force
+    assert watcher.poll() is None
+
+
+def linked_models(tmp_path: Path, minilm_sentiment_dir: Path) -> Path:
+    """A models directory of this test: the cached MiniLM (hard links, no copy) and a
+    directory that looks like a checkpoint but does not load."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(minilm_sentiment_dir, models / minilm_sentiment_dir.name, copy_function=os.link)
+    broken = models / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    return models
+
+
+def answered(kafka: KafkaConfig, task: str, topic: str, requests: str, request_id: str) -> None:
+    line = json.dumps({"id": request_id, "task": task, "input": "a fine film"}).encode()
+    replay(kafka, [line], requests)
+    seen = read_topic(
+        kafka, topic, until=lambda rs: any(r.get("id") == request_id for r in rs), timeout_s=60
+    )
+    assert any(r.get("id") == request_id for r in seen)
+
+
+@pytest.mark.slow
+def test_a_reload_that_cannot_start_never_stops_the_daemon(
+    tmp_path: Path,
+    broker: EmbeddedBroker,
+    minilm_sentiment_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configure_logging("INFO", "json")
+    monkeypatch.delenv("DISTILLD_TEST_RELOAD_UNSET_KEY", raising=False)
+    models = linked_models(tmp_path, minilm_sentiment_dir)
+    served = write_sentiment_policy(tmp_path, models / minilm_sentiment_dir.name)
+    task = served.policy.task
+    traffic = served.policy.traffic
+    path = next(served.policies_dir.glob("*.yaml"))
+    original = path.read_text()
+    settings = served.settings(broker).model_copy(update={"policy_reload_s": 0.3})
+    started: list[RunningDaemon] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve,
+        args=(settings, {task: served.policy}, stop, served.policies_dir, started.append),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        wait_for(lambda: len(started) == 1 and started[0].wait_ready(1), "first start")
+        kafka = started[0].kafka
+        answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "first")
+
+        def rejected_for(edited: str, reason: str, request_id: str) -> list[dict[str, object]]:
+            path.write_text(edited)
+            rejections: list[dict[str, object]] = []
+            wait_for(
+                lambda: (
+                    rejections.extend(logged(capsys.readouterr().out, "policy.reload_rejected"))
+                    or rejections
+                ),
+                f"rejection ({reason})",
+            )
+            assert len(rejections) == 1
+            assert reason in " ".join(str(p) for p in rejections[0]["problems"])  # type: ignore[union-attr]
+            assert thread.is_alive()
+            latest = started[-1]
+            wait_for(lambda: latest.wait_ready(1), "serving")
+            answered(
+                latest.kafka, task, traffic.responses_topic, traffic.requests_topic, request_id
+            )
+            return rejections
+
+        # (a) a teacher whose model directory does not exist: refused before the drain.
+        rejected_for(
+            original + "teacher:\n  backend: transformers\n  model: gone\n",
+            "(teacher.model 'gone') does not exist",
+            "after-missing-teacher",
+        )
+        # (b) a teacher whose API key variable is unset: refused before the drain.
+        rejected_for(
+            original
+            + "teacher:\n  backend: openai\n  base_url: http://127.0.0.1:9/v1\n  model: judge\n"
+            "  api_key_env: DISTILLD_TEST_RELOAD_UNSET_KEY\n"
+            '  prompt: "Answer fresh or rotten.\\nText: {input}"\n',
+            "DISTILLD_TEST_RELOAD_UNSET_KEY",
+            "after-unset-key",
+        )
+        assert len(started) == 1  # neither drained the daemon in force
+        # (c) a student that looks like a checkpoint but does not load: it only fails
+        # after the drain, and the previous policies are started again.
+        rejected_for(
+            original.replace(f"model: {minilm_sentiment_dir.name}", "model: broken"),
+            "ModelLoadError",
+            "after-broken-student",
+        )
+        assert len(started) == 2
+        assert started[1].kafka.bootstrap_servers == kafka.bootstrap_servers
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+@pytest.mark.slow
+def test_a_reload_keeps_the_embedded_broker_and_what_it_holds(
+    tmp_path: Path, minilm_sentiment_dir: Path
+) -> None:
+    configure_logging("INFO", "json")
+    served = write_sentiment_policy(tmp_path, minilm_sentiment_dir)
+    task = served.policy.task
+    traffic = served.policy.traffic
+    path = next(served.policies_dir.glob("*.yaml"))
+    settings = Settings(
+        kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        policies_dir=served.policies_dir,
+        models_dir=served.models_dir,
+        state_dir=served.state_dir,
+        policy_reload_s=0.3,
+    )
+    assert settings.kafka_bootstrap_servers is None  # the daemon starts its own broker
+    started: list[RunningDaemon] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve,
+        args=(settings, {task: served.policy}, stop, served.policies_dir, started.append),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        wait_for(lambda: len(started) == 1 and started[0].wait_ready(1), "first start")
+        kafka = started[0].kafka
+        answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "before")
+
+        path.write_text(path.read_text().replace("max_size: 8", "max_size: 4"))
+        wait_for(lambda: len(started) == 2 and started[1].wait_ready(1), "restart")
+        assert started[1].kafka.bootstrap_servers == kafka.bootstrap_servers
+        answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "after")
+        # The broker kept its records and the group its offsets: "before" is still on
+        # the responses topic and was not answered a second time.
+        responses = read_topic(
+            kafka,
+            traffic.responses_topic,
+            until=lambda rs: any(r.get("id") == "after" for r in rs),
+            timeout_s=60,
+        )
+        assert [r["id"] for r in responses].count("before") == 1
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()

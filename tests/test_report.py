@@ -47,3 +47,21 @@ def test_an_empty_task_says_what_is_missing() -> None:
     assert "no data yet" in page
     assert "no registry for this task" in page
     assert "no drift report yet" in page
+
+
+def test_segments_per_key_are_capped_as_the_accuracy_monitor_caps_them() -> None:
+    from types import SimpleNamespace
+
+    from distilld.report import _segments
+
+    rows = [SimpleNamespace(score=1.0, segment={"source": "app"}) for _ in range(3)]
+    rows += [SimpleNamespace(score=0.0, segment={"source": f"id-{i}"}) for i in range(300)]
+    rows.append(SimpleNamespace(score=None, segment={"source": "unscored"}))
+
+    segments = _segments(rows, max_values=2)
+
+    assert [(label, n) for label, _, n in segments] == [
+        ("source=app", 3),
+        ("source=id-0", 1),
+        ("source=other", 299),
+    ]

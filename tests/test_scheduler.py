@@ -107,3 +107,23 @@ def test_jobs_are_checked() -> None:
         )
     # Stopping a scheduler that never started is harmless.
     MonitorScheduler([MonitorJob("reviews", 5.0, lambda: None)]).stop()
+
+
+def test_housekeeping_jobs_run_on_their_interval_and_survive_a_failure(
+    scheduler_factory: list[MonitorScheduler], capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json")
+    sweep = Calls(fail_on={1}, target=3)
+    scheduler = MonitorScheduler([])
+    scheduler_factory.append(scheduler)
+    scheduler.every("retention", 0.2, sweep)
+    with pytest.raises(ValueError, match="interval_s must be positive"):
+        scheduler.every("never", 0.0, sweep)
+    scheduler.start()
+    assert sweep.reached.wait(60), "the job stopped after its first failure"
+    scheduler.stop()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    failed = [line for line in lines if line["event"] == "scheduler.job_failed"]
+    assert [(line["job"], line["error"]) for line in failed] == [
+        ("retention", "RuntimeError: check 1 failed")
+    ]

@@ -314,3 +314,66 @@ def test_an_invalid_secret_setting_is_not_echoed(monkeypatch: pytest.MonkeyPatch
     assert "DISTILLD_HTTP_PORT" in message and "99999" in message
     assert "DISTILLD_ADMIN_TOKEN" in message and "(received (hidden))" in message
     assert SECRET not in message
+
+
+ADMIN_TOKEN = "adm-7e21c9-planted-token-55a0"  # 29 characters
+
+
+def test_http_limits_default_to_a_closed_status_and_bounded_clients() -> None:
+    settings = load_settings()
+    assert settings.http_public_status is False
+    assert settings.http_max_connections == 32
+    assert settings.http_request_timeout_s == 10.0
+    assert settings.admin_secret() is None
+
+
+def test_the_admin_token_comes_from_the_variable_or_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISTILLD_ADMIN_TOKEN", f" {ADMIN_TOKEN} ")
+    direct = load_settings().admin_secret()
+    assert direct is not None and direct.get_secret_value() == ADMIN_TOKEN
+    path = tmp_path / "token"
+    path.write_text(f"{ADMIN_TOKEN}\n", encoding="utf-8")
+    monkeypatch.setenv("DISTILLD_ADMIN_TOKEN_FILE", str(path))
+    with pytest.raises(ConfigError, match="not both") as both:
+        load_settings().admin_secret()
+    assert ADMIN_TOKEN not in str(both.value)
+    monkeypatch.delenv("DISTILLD_ADMIN_TOKEN")
+    from_file = load_settings().admin_secret()
+    assert from_file is not None and from_file.get_secret_value() == ADMIN_TOKEN
+    path.write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings().admin_secret()
+    path.unlink()
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings().admin_secret()
+
+
+@pytest.mark.parametrize("short", ["q9", "short-tok3n", "fifteen-chars-Z", " " * 20 + "Zq7"])
+@pytest.mark.parametrize("variable", ["DISTILLD_ADMIN_TOKEN", "DISTILLD_ADMIN_TOKEN_FILE"])
+def test_a_short_admin_token_is_refused_with_its_length_never_its_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short: str, variable: str
+) -> None:
+    if variable.endswith("_FILE"):
+        path = tmp_path / "token"
+        path.write_text(short + "\n", encoding="utf-8")
+        monkeypatch.setenv(variable, str(path))
+    else:
+        monkeypatch.setenv(variable, short)
+    with pytest.raises(ConfigError) as refused:
+        load_settings().admin_secret()
+    message = str(refused.value)
+    assert message.startswith(f"{variable}: ")
+    assert f"is {len(short.strip())} characters long" in message
+    assert "at least 16" in message
+    assert "head -c 32 /dev/urandom" in message
+    assert short.strip() not in message
+
+
+def test_an_admin_token_of_sixteen_characters_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DISTILLD_ADMIN_TOKEN", "a" * 16)
+    token = load_settings().admin_secret()
+    assert token is not None and len(token.get_secret_value()) == 16

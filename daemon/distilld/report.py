@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from distilld.monitoring.accuracy import pool_rare_values
 from distilld.policy.model import Policy
 from distilld.registry import ModelRegistry
 from distilld.store.base import SampleStore
@@ -126,7 +127,9 @@ def task_report(
             if gate_file.is_file():
                 report.gate = json.loads(gate_file.read_text(encoding="utf-8"))
     report.live_version = live
-    report.segments = _segments([c for c in comparisons if c.model_version == live])
+    report.segments = _segments(
+        [c for c in comparisons if c.model_version == live], policy.sampling.max_values_per_key
+    )
     task_reports = reports_dir / task
     if task_reports.is_dir():
         latest = sorted(p for p in task_reports.iterdir() if (p / "drift.html").is_file())[-5:]
@@ -168,14 +171,16 @@ def _bucketed(scores: list[tuple[float, float]], start: float, end: float) -> li
     ]
 
 
-def _segments(comparisons: Sequence[Any]) -> list[tuple[str, float, int]]:
+def _segments(comparisons: Sequence[Any], max_values: int) -> list[tuple[str, float, int]]:
     groups: dict[str, list[float]] = defaultdict(list)
     for c in comparisons:
         if c.score is None:
             continue
         for key, value in sorted(c.segment.items()):
             groups[f"{key}={value}"].append(c.score)
-    return sorted((label, sum(v) / len(v), len(v)) for label, v in groups.items())
+    # At most max_values per key, as the accuracy monitor reports them.
+    pooled = pool_rare_values(groups, max_values)
+    return sorted((label, sum(v) / len(v), len(v)) for label, v in pooled.items() if v)
 
 
 def _when(at: float) -> str:

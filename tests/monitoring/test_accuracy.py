@@ -131,6 +131,34 @@ def test_segment_keys_filter_and_switch() -> None:
     assert measure_accuracy(rows, off, task="reviews", metric="agreement").segments == ()
 
 
+def test_segments_beyond_the_cap_per_key_are_pooled_as_other() -> None:
+    # Stored rows may hold any number of values of a key (rows from before the cap,
+    # another writer): a check still reports at most max_values_per_key of them.
+    rows = [comparison(1.0, t, "source=app", "length=<64") for t in range(6)]
+    rows += [comparison(1.0, 10 + t, "source=web", "length=<64") for t in range(4)]
+    rows += [comparison(0.0, 20 + i, f"source=id-{i}", "length=<64") for i in range(500)]
+    rows.append(comparison(0.0, 600, "source=other", "length=<64"))
+    config = AccuracyMonitorConfig(window=1000, min_samples=1)
+    measurement = measure_accuracy(
+        rows, config, task="reviews", metric="agreement", max_values_per_key=3
+    )
+    by_label = {s.segment: s for s in measurement.segments}
+    # The 3 most frequent sources are kept; 500 one-off ids join the existing "other".
+    assert sorted(by_label) == [
+        "length=<64",
+        "source=app",
+        "source=id-0",
+        "source=other",
+        "source=web",
+    ]
+    assert by_label["source=other"].samples == 500
+    assert by_label["source=other"].value == 0.0
+    assert sum(s.samples for s in measurement.segments if s.segment != "length=<64") == 511
+    # The default cap (50) bounds them too.
+    default = measure_accuracy(rows, config, task="reviews", metric="agreement")
+    assert len(default.segments) == 1 + 50 + 1
+
+
 def test_model_version_filter_and_task_check() -> None:
     config = AccuracyMonitorConfig(window=10, min_samples=1)
     rows = [comparison(0.0, 1, model_version="v1"), comparison(1.0, 2, model_version="v2")]

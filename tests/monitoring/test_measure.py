@@ -72,15 +72,26 @@ def traffic(rows: Sequence[Row], seed: int) -> list[TrafficSample]:
     ]
 
 
+class Pins:
+    """Stands in for the daemon's LiveReference.pin: keeps what run_check pinned."""
+
+    def __init__(self) -> None:
+        self.pinned: list[tuple[str, Reference]] = []
+
+    def __call__(self, version: str, reference: Reference) -> None:
+        self.pinned.append((version, reference))
+
+
 def drift_verdict(verdicts: list[Verdict]) -> Verdict:
     (verdict,) = [v for v in verdicts if v.metric == DRIFT_METRIC]
     return verdict
 
 
-def test_stationary_traffic_is_not_flagged_against_early_traffic(
+def test_stationary_traffic_is_not_flagged_against_the_pinned_reference(
     corpus: Corpus, store: SqliteStore, tmp_path: Path
 ) -> None:
     store.add_traffic(traffic(corpus.reviews[:1500], seed=1))
+    pins = Pins()
     outcome = run_check(
         TASK,
         kind="classification",
@@ -89,8 +100,14 @@ def test_stationary_traffic_is_not_flagged_against_early_traffic(
         reference=None,
         reports_dir=tmp_path / "reports",
         now=1_700_000_000.0,
+        model_version="v1",
+        pin=pins,
     )
-    assert outcome.reference_source == "early_traffic"
+    # v1 came without a reference: its first 1000 requests became it, handed to pin.
+    assert [(version, len(ref.frame), ref.origin) for version, ref in pins.pinned] == [
+        ("v1", 1000, "pinned")
+    ]
+    assert outcome.reference_source == "pinned"
     assert outcome.drift is not None
     assert outcome.drift.reference_rows == 1000 and outcome.drift.current_rows == 500
     # descriptors, embedding projection, predicted label, confidence
@@ -106,17 +123,17 @@ def test_stationary_traffic_is_not_flagged_against_early_traffic(
     assert (outcome.report_dir / "drift.html").stat().st_size > 0
     assert json.loads((outcome.report_dir / "drift.json").read_text())["current_rows"] == 500
     summary = json.loads((outcome.report_dir / SUMMARY_JSON).read_text())
-    assert summary["reference_source"] == "early_traffic"
+    assert summary["reference_source"] == "pinned"
     assert summary["drift"]["drift_share"] == outcome.drift.drift_share
     assert {v["metric"] for v in summary["verdicts"]} == {"agreement", DRIFT_METRIC}
 
     stored = store.last_check(TASK)
     assert stored is not None
     assert stored.created_at == 1_700_000_000.0
-    assert stored.summary["reference_source"] == "early_traffic"
+    assert stored.summary["reference_source"] == "pinned"
 
 
-@pytest.mark.parametrize("source", ["model", "early_traffic"])
+@pytest.mark.parametrize("source", ["model", "pinned"])
 def test_plot_summaries_after_reviews_are_flagged(
     corpus: Corpus, store: SqliteStore, tmp_path: Path, source: str
 ) -> None:
@@ -138,6 +155,8 @@ def test_plot_summaries_after_reviews_are_flagged(
         store=store,
         reference=reference,
         reports_dir=None,
+        model_version="v1",
+        pin=Pins(),
     )
     assert outcome.reference_source == source
     assert outcome.report_dir is None
@@ -149,21 +168,49 @@ def test_plot_summaries_after_reviews_are_flagged(
 
 
 def test_too_little_traffic_gives_no_drift_verdict(corpus: Corpus, store: SqliteStore) -> None:
+    trained_on = traffic(corpus.reviews[2000:2400], seed=2)
+    reference = fit_reference(
+        [t.input_text for t in trained_on],
+        predicted_labels=[str(t.student_output) for t in trained_on],
+    )
     store.add_traffic(traffic(corpus.reviews[:150], seed=5))
     outcome = run_check(
         TASK,
         kind="classification",
         monitors=MONITORS,
         store=store,
-        reference=None,
+        reference=reference,
         reports_dir=None,
     )
     assert outcome.drift is None
     assert drift_verdict(outcome.verdicts).status is Status.insufficient_data
     assert outcome.drift_note is not None and "150 recent inputs" in outcome.drift_note
 
-    # A full window, but too few earlier rows to stand in for a reference.
+    # Without a reference: a full window, but too few of v1's requests to pin one from
+    # (and nothing pinned, nothing measured: no reference is fitted on whatever is there).
     store.add_traffic(traffic(corpus.reviews[150:650], seed=6))
+    pins = Pins()
+    outcome = run_check(
+        TASK,
+        kind="classification",
+        monitors=MONITORS,
+        store=store,
+        reference=None,
+        reports_dir=None,
+        model_version="v1",
+        pin=pins,
+    )
+    assert outcome.drift is None and pins.pinned == []
+    assert outcome.reference_source is None
+    assert drift_verdict(outcome.verdicts).status is Status.insufficient_data
+    assert outcome.drift_note == (
+        "no drift reference for version 'v1' yet: one is pinned from the first 1000 requests "
+        "it answers (650 so far), and drift is measured from then on"
+    )
+    assert outcome.summary["drift_note"] == outcome.drift_note
+
+    # Enough requests, but no pin to save the reference with (e.g. no live version).
+    store.add_traffic(traffic(corpus.reviews[650:1100], seed=7))
     outcome = run_check(
         TASK,
         kind="classification",
@@ -173,8 +220,57 @@ def test_too_little_traffic_gives_no_drift_verdict(corpus: Corpus, store: Sqlite
         reports_dir=None,
     )
     assert outcome.drift is None
-    assert outcome.drift_note is not None and "150 earlier inputs" in outcome.drift_note
-    assert outcome.summary["drift_note"] == outcome.drift_note
+    assert outcome.drift_note == "no drift reference and no live version to pin one for"
+
+
+def test_a_lasting_shift_stays_reported_as_the_reservoir_rotates(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    # A version that came without a drift reference (adopted, trained elsewhere): its
+    # first 200 requests (reviews) are pinned as its reference. Then the traffic shifts
+    # to plot summaries for good, for more than the reservoir holds: the reservoir ends
+    # up holding nothing but plots, and the drift must still be reported at each check
+    # (a reference refitted on the oldest reservoir rows would follow the shift and
+    # report a recovery).
+    monitors = MonitorsConfig.model_validate(
+        {
+            "accuracy": {"enabled": False},
+            "drift": {"window": 200, "min_samples": 100, "reference_size": 200},
+        }
+    )
+    store = SqliteStore(tmp_path / "state.db", reservoir_per_task=500)
+    pins = Pins()
+    reference: Reference | None = None
+
+    def check() -> Verdict:
+        nonlocal reference
+        outcome = run_check(
+            TASK,
+            kind="classification",
+            monitors=monitors,
+            store=store,
+            reference=reference,
+            reports_dir=None,
+            model_version="v1",
+            pin=pins,
+        )
+        if pins.pinned:  # the daemon keeps the pinned reference for the version
+            reference = pins.pinned[-1][1]
+        return drift_verdict(outcome.verdicts)
+
+    try:
+        store.add_traffic(traffic(corpus.reviews[:250], seed=10))
+        assert check().status is Status.ok
+        assert len(pins.pinned) == 1
+        statuses = []
+        for start in range(0, 1200, 200):  # 1,200 plots through a reservoir of 500
+            store.add_traffic(traffic(corpus.plots[start : start + 200], seed=11 + start))
+            statuses.append(check().status)
+        assert all(r.input_text in {p.text for p in corpus.plots} for r in store.reservoir(TASK))
+        assert statuses == [Status.breach] * 6
+        assert len(pins.pinned) == 1  # pinned once, never refitted
+    finally:
+        store.close()
 
 
 def comparisons(

@@ -6,14 +6,18 @@ own counters, the admin API behind its token, and the token never in any output.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 from pydantic import SecretStr
 
+from distilld import app
 from distilld.app import running_daemon
+from distilld.errors import ConfigError
 from distilld.log import configure_logging
+from distilld.settings import Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import write_sentiment_policy
@@ -65,8 +69,11 @@ def test_a_running_daemon_serves_health_readiness_metrics_and_a_guarded_admin_ap
             in text
         )
 
-        # Reading is open; changing needs the token.
-        status = httpx.get(f"{url}/admin/status").json()
+        # The admin API, reading included, needs the token.
+        assert httpx.get(f"{url}/admin/status").status_code == 401
+        status = httpx.get(
+            f"{url}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}
+        ).json()
         assert task in json.dumps(status)
         assert httpx.post(f"{url}/admin/retrain/{task}").status_code == 401
         wrong = httpx.post(f"{url}/admin/retrain/{task}", headers={"Authorization": "Bearer nope"})
@@ -85,3 +92,20 @@ def test_a_running_daemon_serves_health_readiness_metrics_and_a_guarded_admin_ap
     output = capsys.readouterr()
     for text in [*shown, output.out, output.err]:
         assert TOKEN not in text
+
+
+def test_a_short_admin_token_stops_the_start_before_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake_kafka_connection(*_: object, **__: object) -> None:
+        raise AssertionError("the broker was started despite the short admin token")
+
+    monkeypatch.setattr(app, "kafka_connection", fake_kafka_connection)
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        policy_reload_s=0,
+        admin_token=SecretStr("too-short-123"),
+    )
+    with pytest.raises(ConfigError, match="is 13 characters long; expected at least 16") as info:
+        app.serve(settings, {}, threading.Event(), tmp_path)
+    assert "too-short-123" not in str(info.value)

@@ -6,11 +6,12 @@ Probes, the metrics collector and the admin actions are stand-ins (``Fake*``,
 
 from __future__ import annotations
 
+import json
+import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +30,6 @@ from distilld.ops import (
     Probe,
     ProbeResult,
     TaskMetrics,
-    admin_token_from,
     render,
 )
 
@@ -263,11 +263,41 @@ def test_a_failing_collector_gives_a_json_500_without_traceback(
 # ------------------------------------------------------------------ admin API
 
 
-def test_admin_status_is_the_actions_status(start: StartServer, http: httpx.Client) -> None:
-    server = start()
-    reply = http.get(f"{server.url}/admin/status")
+def test_admin_status_is_the_actions_status_behind_the_token(
+    start: StartServer, http: httpx.Client
+) -> None:
+    admin = FakeAdmin()
+    server = start(admin=admin)
+    for headers in ({}, bearer("wrong-token-of-some-length")):
+        refused = http.get(f"{server.url}/admin/status", headers=headers)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert admin.calls == []  # nothing read for a client without the token
+    reply = http.get(f"{server.url}/admin/status", headers=bearer())
     assert reply.status_code == 200
     assert reply.json() == {"tasks": {"sentiment": {"live_version": "v0002"}}}
+    assert admin.calls == [("status",)]
+
+
+def test_admin_status_is_open_only_when_made_public(start: StartServer, http: httpx.Client) -> None:
+    public = start(public_status=True)
+    assert http.get(f"{public.url}/admin/status").status_code == 200
+    assert http.get(f"{public.url}/admin/status", headers=bearer()).status_code == 200
+    # public status opens nothing else
+    assert http.post(f"{public.url}/admin/rollback/sentiment").status_code == 401
+
+    no_token = start(token=None)
+    refused = http.get(f"{no_token.url}/admin/status")
+    assert refused.status_code == 403
+    assert "DISTILLD_ADMIN_TOKEN" in refused.json()["error"]
+    assert "DISTILLD_HTTP_PUBLIC_STATUS=true" in refused.json()["error"]
+    assert http.get(f"{start(token=None, public_status=True).url}/admin/status").status_code == 200
+
+
+def test_health_readiness_and_metrics_stay_open(start: StartServer, http: httpx.Client) -> None:
+    server = start()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert http.get(f"{server.url}{path}").status_code == 200, path
 
 
 @pytest.mark.parametrize(
@@ -403,7 +433,7 @@ def test_an_unexpected_admin_failure_is_a_500_without_details(
 
 def test_without_admin_actions_the_admin_api_is_404(http: httpx.Client) -> None:
     with OpsServer(OpsConfig(port=0, admin_token=TOKEN), collect=fake_collect) as server:
-        assert http.get(f"{server.url}/admin/status").status_code == 404
+        assert http.get(f"{server.url}/admin/status", headers=bearer()).status_code == 404
         reply = http.post(f"{server.url}/admin/rollback/sentiment", headers=bearer())
         assert reply.status_code == 404
         # auth still comes first
@@ -507,7 +537,8 @@ def test_the_token_never_appears_in_logs_bodies_headers_or_reprs(
         http.get(f"{server.url}/healthz"),
         http.get(f"{server.url}/readyz"),
         http.get(f"{server.url}/metrics"),
-        http.get(f"{server.url}/admin/status"),
+        http.get(f"{server.url}/admin/status", headers=bearer()),
+        http.get(f"{server.url}/admin/status", headers=bearer("wrong")),  # 401
         http.post(f"{server.url}/admin/promote/sentiment/v0003", headers=bearer()),  # ok
         http.post(f"{server.url}/admin/rollback/sentiment", headers=bearer()),  # 409
         http.post(f"{server.url}/admin/retrain/sentiment", headers=bearer()),  # 500
@@ -519,12 +550,12 @@ def test_the_token_never_appears_in_logs_bodies_headers_or_reprs(
         http.post(f"{server.url}/admin/promote/sentiment/{TOKEN}", headers=bearer()),  # 200
     ]
     assert [r.status_code for r in replies] == [
-        200, 503, 200, 200, 200, 409, 500, 401, 401, 405, 404, 500, 200,
+        200, 503, 200, 200, 401, 200, 409, 500, 401, 401, 405, 404, 500, 200,
     ]  # fmt: skip
     for reply in replies:
         assert TOKEN not in reply.text
         assert all(TOKEN not in value for value in reply.headers.values())
-    assert "**********" in replies[5].text  # the echoed token was masked
+    assert "**********" in replies[6].text  # the echoed token was masked
     assert TOKEN not in repr(config)
     assert TOKEN not in str(config)
     assert TOKEN not in repr(server)
@@ -544,6 +575,11 @@ def test_the_token_never_appears_in_logs_bodies_headers_or_reprs(
 def test_config_defaults_bind_to_loopback() -> None:
     config = OpsConfig()
     assert (config.host, config.port, config.token) == ("127.0.0.1", 8080, None)
+    assert (config.public_status, config.max_connections, config.request_timeout_s) == (
+        False,
+        32,
+        10.0,
+    )
 
 
 def test_a_plain_string_token_becomes_a_secret() -> None:
@@ -560,30 +596,13 @@ def test_a_plain_string_token_becomes_a_secret() -> None:
         ({"port": 70000}, "DISTILLD_HTTP_PORT"),
         ({"port": -1}, "DISTILLD_HTTP_PORT"),
         ({"probe_timeout_s": 0}, "probe_timeout_s"),
+        ({"max_connections": 0}, "DISTILLD_HTTP_MAX_CONNECTIONS"),
+        ({"request_timeout_s": 0}, "DISTILLD_HTTP_REQUEST_TIMEOUT_S"),
     ],
 )
 def test_invalid_config_is_a_config_error(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         OpsConfig(**kwargs)
-
-
-def test_admin_token_from_the_variable_or_the_file(tmp_path: Path) -> None:
-    assert admin_token_from(None, None) is None
-    direct = admin_token_from(SecretStr(TOKEN), None)
-    assert direct is not None and direct.get_secret_value() == TOKEN
-    path = tmp_path / "token"
-    path.write_text(f"{TOKEN}\n", encoding="utf-8")
-    from_file = admin_token_from(None, path)
-    assert from_file is not None and from_file.get_secret_value() == TOKEN
-    with pytest.raises(ConfigError, match="set only one"):
-        admin_token_from(SecretStr(TOKEN), path)
-    empty = tmp_path / "empty"
-    empty.write_text("\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="is empty"):
-        admin_token_from(None, empty)
-    with pytest.raises(ConfigError, match="cannot read") as info:
-        admin_token_from(None, tmp_path / "missing")
-    assert TOKEN not in str(info.value)
 
 
 def test_port_zero_binds_a_free_loopback_port_and_stop_closes_it(http: httpx.Client) -> None:
@@ -634,3 +653,80 @@ def test_requests_are_served_concurrently(start: StartServer, http: httpx.Client
         release.set()
         worker.join(5)
     assert results == [200]
+
+
+# ------------------------------------------------------------------ slow and many clients
+
+
+def closed_by_server(client: socket.socket, wait_s: float) -> bool:
+    """Whether the server closed ``client`` within ``wait_s`` (end of stream or reset)."""
+    readable, _, _ = select.select([client], [], [], wait_s)
+    if not readable:
+        return False
+    try:
+        return client.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_client_sending_one_byte_at_a_time_is_cut_off_at_the_request_deadline(
+    start: StartServer,
+) -> None:
+    # Each byte comes well within the deadline: only a deadline for the whole
+    # request (not one per read) can end this connection.
+    server = start(request_timeout_s=1.0)
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 10_000
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+        give_up = time.monotonic() + 30
+        sent = 0
+        closed = False
+        while not closed and time.monotonic() < give_up:
+            try:
+                client.sendall(request[sent : sent + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            sent += 1
+            closed = closed_by_server(client, 0.2)
+        assert closed, f"still connected after sending {sent} bytes one at a time"
+        assert sent < len(request)
+    assert httpx.get(f"{server.url}/healthz", trust_env=False).status_code == 200
+
+
+def test_an_idle_connection_is_closed_at_the_request_deadline(start: StartServer) -> None:
+    server = start(request_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+        assert closed_by_server(client, 30)
+
+
+def test_connections_over_the_cap_get_503_at_once_and_the_server_recovers(
+    start: StartServer,
+) -> None:
+    cap = 3
+    server = start(max_connections=cap)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(cap)]
+    try:
+        # Accepted in order: these hold every slot, sending nothing.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+            reply = b""
+            while chunk := extra.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 503 "), reply
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"Retry-After: 1" in head
+        assert "DISTILLD_HTTP_MAX_CONNECTIONS" in json.loads(body)["error"]
+    finally:
+        for client in idle:
+            client.close()
+    # Once the idle connections are gone, their slots are free again.
+    give_up = time.monotonic() + 30
+    status = 0
+    with httpx.Client(timeout=5, trust_env=False) as http:
+        while status != 200 and time.monotonic() < give_up:
+            status = http.get(f"{server.url}/healthz").status_code
+    assert status == 200
+    # and many sequential connections never leak a slot
+    with httpx.Client(
+        timeout=5, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as http:
+        assert all(http.get(f"{server.url}/healthz").status_code == 200 for _ in range(3 * cap))

@@ -272,6 +272,45 @@ MALFORMED: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
         "traffic.dead_letter_topic",
         "not '.' or '..'",
     ),
+    # "$" in Python's re matches before a final newline: these passed the patterns.
+    (
+        "task-with-trailing-newline",
+        CLASSIFICATION,
+        {"task": "reviews\n"},
+        "task",
+        "a name of 1 to 63 characters",
+    ),
+    (
+        "topic-with-trailing-newline",
+        CLASSIFICATION,
+        {"traffic.requests_topic": "reviews.requests\n"},
+        "traffic.requests_topic",
+        "expected a Kafka topic name",
+    ),
+    (
+        "vllm-base-url-with-trailing-newline",
+        CLASSIFICATION,
+        {"student.backend": "vllm", "student.vllm": {"base_url": "http://vllm:8000\n"}},
+        "student.vllm.base_url",
+        "expected",
+    ),
+    (
+        "vllm-key-env-with-trailing-newline",
+        CLASSIFICATION,
+        {"student.backend": "vllm", "student.vllm": {"api_key_env": "VLLM_KEY\n"}},
+        "student.vllm.api_key_env",
+        "expected",
+    ),
+    (
+        "vllm-key-from-two-places",
+        CLASSIFICATION,
+        {
+            "student.backend": "vllm",
+            "student.vllm": {"api_key_env": "VLLM_KEY", "api_key_file": "vllm_key"},
+        },
+        "student.vllm.api_key_file",
+        "set api_key_env or api_key_file, not both",
+    ),
     (
         "requests-equals-responses",
         CLASSIFICATION,
@@ -790,13 +829,27 @@ def test_transformers_teacher_section_loads(tmp_path: Path) -> None:
     assert policy.teacher.max_new_tokens == 128
 
 
-def test_segment_keys_may_be_given_on_one_side_only(tmp_path: Path) -> None:
-    monitors_only = _changed(MONITORED, {"sampling.segment_keys": DROP})
+def test_segment_keys_may_be_given_on_the_sampling_side_only(tmp_path: Path) -> None:
     sampling_only = _changed(MONITORED, {"monitors.accuracy.segments.keys": DROP})
     length_bucket = _changed(MONITORED, {"monitors.accuracy.segments.keys": ["length"]})
+    length_only = _changed(
+        MONITORED,
+        {"sampling.segment_keys": DROP, "monitors.accuracy.segments.keys": ["length"]},
+    )
 
-    for name, data in [("a", monitors_only), ("b", sampling_only), ("c", length_bucket)]:
+    for name, data in [("b", sampling_only), ("c", length_bucket), ("d", length_only)]:
         assert load_policy(_write(tmp_path, data, f"{name}.yaml")).teacher is not None
+
+
+def test_monitored_segment_keys_must_be_declared_for_sampling(tmp_path: Path) -> None:
+    # Undeclared metadata never forms segments, so checking one would find nothing.
+    monitors_only = _changed(MONITORED, {"sampling.segment_keys": DROP})
+
+    (problem,) = _rejection(_write(tmp_path, monitors_only)).problems
+
+    assert "monitors.accuracy.segments.keys" in problem
+    assert "['source'] are not segment keys of the sampled requests" in problem
+    assert "sampling.segment_keys is unset, plus 'length'" in problem
 
 
 def test_long_received_values_are_truncated(tmp_path: Path) -> None:

@@ -5,25 +5,39 @@ records switches instead of loading models, a scripted teacher.
 What is under test: failures alert once and leave the live version serving; the
 watch after a promotion rolls a worse version back; a shadow run decides on the
 stored pairs; the served version follows the registry (``distilld promote``), and
-a version that cannot be served is refused once, with the registry rolled back.
+a version that cannot be served is refused once, with the registry rolled back;
+after a failed gate the next automatic attempt waits for the cooldown and for new
+inputs, at the grown size (the job itself is a stand-in there: what is under test
+is when the manager starts one, and with what size); a breach answered by a
+promotion starts nothing more.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from distilld.alerts import AlertSink
+from distilld.policy.evaluate import Status, Verdict
 from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
+from distilld.retrain.decide import first_size
+from distilld.retrain.gates import GateCheck, GateReport
 from distilld.retrain.manager import RetrainManager, RetrainTask, request_retraining
-from distilld.retrain.run import JobInputs, RetrainCancelled, RetrainError, run_retraining
+from distilld.retrain.run import (
+    JobInputs,
+    JobResult,
+    RetrainCancelled,
+    RetrainError,
+    run_retraining,
+)
 from distilld.serving.base import Prediction
+from distilld.serving.swap import COLD_START_VERSION
 from distilld.shadow.worker import ShadowTask, ShadowWorker
 from distilld.store.base import StoredComparison, TrafficSample
 from distilld.store.sqlite import SqliteStore
@@ -114,6 +128,7 @@ def manager_for(
     store: SqliteStore,
     base_model: Path | None = None,
     candidates: list[ConstantCandidateFake] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> RetrainManager:
     assert pol.retraining is not None
     loaded = candidates if candidates is not None else []
@@ -140,6 +155,7 @@ def manager_for(
         shadow=shadow,
         requests_dir=tmp_path / "requests",
         work_dir=tmp_path / "work",
+        clock=clock,
     )
 
 
@@ -334,6 +350,30 @@ def test_a_cancelled_job_stops_at_its_next_step_and_registers_nothing(tmp_path: 
     assert [m.version for m in registry.list()] == ["v-live"]
 
 
+def test_the_first_attempt_selects_what_the_gate_needs_not_min_examples(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    fill_traffic(store, 450)
+    # 300 inputs would hold out 30 examples, fewer than the 40 the gate requires.
+    pol = policy(size={"min_examples": 300, "max_examples": 5000}, gate={"min_test_examples": 40})
+    assert pol.retraining is not None
+    cancel = threading.Event()
+    cancel.set()  # the job stops at its first step, which names its size
+    job = JobInputs(
+        policy=pol,
+        config=pol.retraining,
+        teacher=ScriptedTeacherFake(),
+        store=store,
+        registry=registry_with(tmp_path),
+        base_model_dir=tmp_path / "base",
+        cancel=cancel,
+    )
+
+    with pytest.raises(RetrainCancelled, match="attempt 1: selecting 400 inputs"):
+        run_retraining(job, work_dir=tmp_path / "work")
+
+
 class GarbageTeacherFake:
     """A teacher stand-in whose answers all fail validation, or give nothing."""
 
@@ -371,3 +411,189 @@ def test_a_filter_that_drops_everything_says_why_per_reason(tmp_path: Path) -> N
     # Answers outside the label set are invalid outputs; empty ones teacher errors.
     assert "'invalid_output': 50" in str(dropped.value)
     assert "'teacher_error': 50" in str(dropped.value)
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class ClockFake:
+    """The manager's clock, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class JobFake:
+    """Stand-in for run_retraining: records each job's inputs and answers with a gate
+    that failed for lack of held-out examples, or (``register``) registers a version.
+    ``release`` lets a job run until the test sets it."""
+
+    def __init__(self, register: bool = False) -> None:
+        self.jobs: list[JobInputs] = []
+        self.register = register
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, job: JobInputs, *, work_dir: Path) -> JobResult:
+        self.jobs.append(job)
+        assert self.release.wait(30)
+        size = job.start_size or first_size(job.config, "classification", 2)
+        failed = GateCheck(
+            "test_set_size", "examples", 30.0, 40.0, False, "30, fewer than the 40 required", 30
+        )
+        gate = GateReport("classification", "accuracy", "teacher", 0.02, 30, {}, (failed,))
+        attempt = {
+            "attempt": 1,
+            "size": size,
+            "selection": {"selected": size, "eligible": size},
+            "filtering": {"total": size, "kept": size * 3 // 4},
+            "split": {"sizes": {"train": 240, "validation": 30, "test": 30}},
+        }
+        if not self.register:
+            return JobResult("gate_failed", None, gate, attempts=[attempt], data=attempt)
+        model = work_dir / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        version = job.registry.register(model, Manifest(task="reviews"))
+        passed = GateReport("classification", "accuracy", "teacher", 0.02, 30, {}, ())
+        return JobResult("registered", version, passed, attempts=[attempt], data=attempt)
+
+
+def add_traffic_at(store: SqliteStore, count: int, at: float, prefix: str) -> None:
+    store.add_traffic(
+        [
+            TrafficSample(
+                "reviews", f"{prefix} review {i}", {}, "fresh", 0.9, f"{prefix}{i}", None, at
+            )
+            for i in range(count)
+        ]
+    )
+
+
+def started(store: SqliteStore) -> list[str]:
+    return [
+        a.payload["trigger"]
+        for a in store.last_alerts("reviews", 200)
+        if a.kind == "retrain.started"
+    ]
+
+
+def test_a_failed_cold_start_waits_for_the_cooldown_and_new_inputs_then_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = JobFake()
+    monkeypatch.setattr("distilld.retrain.manager.run_retraining", fake)
+    clock = ClockFake(10_000.0)
+    store = SqliteStore(tmp_path / "store.sqlite")
+    add_traffic_at(store, 400, clock.now - 100, "old")
+    registry = registry_with(tmp_path)  # nothing live: the teacher answers (cold start)
+    slot = RecordingSlotFake(COLD_START_VERSION)
+    pol = policy(
+        size={"min_examples": 300, "max_examples": 5000, "growth_factor": 2.0},
+        gate={"min_test_examples": 40},
+        cold_start={"retry_s": 60},
+    )
+    manager = manager_for(tmp_path, pol, registry, slot, store, clock=clock)
+
+    manager.tick()  # 400 inputs are what the gate needs: the first student is trained
+    assert manager.wait_idle("reviews", 30)
+    assert started(store) == ["cold_start"]
+    failed = store.last_alerts("reviews", limit=1)[0]
+    assert failed.kind == "retrain.gate_failed"
+    # Nothing was live: the message says who answers, not "the live student".
+    assert "live student" not in failed.payload["action"]
+    assert "no student is live: the teacher keeps answering requests" in failed.payload["action"]
+    assert "with at least 800 inputs, 400 of them new" in failed.payload["action"]
+    assert failed.payload["next_attempt"]["size"] == 800
+
+    # The cooldown passes; no new traffic: no second job on the same inputs.
+    clock.now += 61
+    manager.tick()
+    manager.tick()
+    assert manager.wait_idle("reviews", 30)
+    assert len(fake.jobs) == 1 and started(store) == ["cold_start"]
+    # Nor after a restart: the wait is in the failure's alert.
+    restarted = manager_for(tmp_path, pol, registry, slot, store, clock=clock)
+    restarted.tick()
+    assert restarted.wait_idle("reviews", 30) and len(fake.jobs) == 1
+
+    # 399 new inputs are not enough; 400 are, and the next job selects the grown size.
+    add_traffic_at(store, 399, clock.now + 1, "new")
+    clock.now += 61
+    manager.tick()
+    assert manager.wait_idle("reviews", 30) and len(fake.jobs) == 1
+    add_traffic_at(store, 1, clock.now + 1, "newer")
+    clock.now += 61
+    manager.tick()
+    assert manager.wait_idle("reviews", 30)
+    assert len(fake.jobs) == 2 and started(store) == ["cold_start", "cold_start"]
+    assert fake.jobs[1].start_size == 800
+
+
+def test_a_failed_breach_retraining_waits_for_new_inputs_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = JobFake()
+    monkeypatch.setattr("distilld.retrain.manager.run_retraining", fake)
+    registry = registry_with(tmp_path, "v1")
+    registry.promote("v1")
+    clock = ClockFake(time.time() + 1)  # after v1 went live
+    store = SqliteStore(tmp_path / "store.sqlite")
+    add_traffic_at(store, 1000, clock.now - 100, "old")
+    pol = policy(
+        size={"min_examples": 1000, "max_examples": 5000},
+        triggers={"on_breach": {"cooldown_s": 600}},
+    )
+    manager = manager_for(tmp_path, pol, registry, RecordingSlotFake("v1"), store, clock=clock)
+    breach = [Verdict("reviews", "accuracy", "", Status.breach, 0.5, 0.8, 50, 50)]
+
+    manager.after_check("reviews", breach, "v1", clock.now)
+    assert manager.wait_idle("reviews", 30) and len(fake.jobs) == 1
+    failed = store.last_alerts("reviews", limit=1)[0]
+    assert "the live student keeps serving (v1)" in failed.payload["action"]
+
+    clock.now += 601  # the cooldown is over, the breach persists, no new input
+    manager.after_check("reviews", breach, "v1", clock.now)
+    assert manager.wait_idle("reviews", 30) and len(fake.jobs) == 1
+
+    add_traffic_at(store, 1000, clock.now + 1, "new")
+    clock.now += 601
+    manager.after_check("reviews", breach, "v1", clock.now)
+    assert manager.wait_idle("reviews", 30) and len(fake.jobs) == 2
+    assert fake.jobs[1].start_size == 2000
+
+
+def test_a_breach_answered_by_a_promotion_starts_no_second_retraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = JobFake(register=True)
+    monkeypatch.setattr("distilld.retrain.manager.run_retraining", fake)
+    store = SqliteStore(tmp_path / "store.sqlite")
+    add_traffic_at(store, 1000, time.time() - 100, "old")
+    registry = registry_with(tmp_path, "v1")
+    registry.promote("v1")
+    slot = RecordingSlotFake("v1")
+    pol = policy(shadow={"enabled": False}, triggers={"on_breach": {"cooldown_s": 0}})
+    manager = manager_for(tmp_path, pol, registry, slot, store)
+    breach = [Verdict("reviews", "accuracy", "", Status.breach, 0.5, 0.8, 50, 50)]
+
+    fake.release.clear()
+    manager.after_check("reviews", breach, "v1", time.time())
+    checked_while_running = time.time()
+    manager.after_check("reviews", breach, "v1", checked_while_running)  # skipped: running
+    fake.release.set()
+    assert manager.wait_idle("reviews", 30)
+    assert slot.version == registry.live_version() != "v1"
+
+    # A check that measured v1 while the job ran hands its breach over after the promotion.
+    manager.after_check("reviews", breach, "v1", checked_while_running)
+    assert manager.wait_idle("reviews", 30)
+    assert started(store) == ["breach"] and len(fake.jobs) == 1
+
+    # A breach measured on the new live version does start one.
+    manager.after_check("reviews", breach, slot.version, time.time())
+    assert manager.wait_idle("reviews", 30)
+    assert started(store) == ["breach", "breach"]

@@ -142,11 +142,12 @@ def reviews() -> list[Row]:
 def test_a_job_labels_filters_trains_gates_and_registers_a_candidate(
     tmp_path: Path, minilm_sentiment_dir: Path, trained_sentiment_dir: Path, reviews: list[Row]
 ) -> None:
-    flagged = [r.id for r in reviews[:7]]
+    flagged = [r.id for r in reviews[:30]]
     flags = tmp_path / "flags.txt"
     flags.write_text("\n".join(flagged) + "\n")
-    # The first attempt (120 inputs) leaves fewer than 20 held-out examples: the gate
-    # fails for lack of data and the job grows to 240.
+    # min_examples 120 cannot hold out 20 test examples: the first attempt selects the
+    # 200 the gate needs. The filter drops the flagged ones among them, which leaves
+    # fewer than 20 held out: the gate fails for lack of data and the job grows to 240.
     policy = write_policy(
         tmp_path,
         minilm_sentiment_dir,
@@ -189,7 +190,7 @@ def test_a_job_labels_filters_trains_gates_and_registers_a_candidate(
     reference = load_reference(version_dir / REFERENCE_FILE)
     assert len(reference.frame) > 0
     first, attempt = manifest.data["attempts"]
-    assert (first["size"], attempt["size"]) == (SIZE // 2, SIZE)
+    assert (first["size"], attempt["size"]) == (200, SIZE)
     assert first["gate"].startswith("failed: test_set_size")
     # Every input selected was either kept or dropped with a reason; flagged ones dropped.
     filtering = attempt["filtering"]
@@ -229,8 +230,8 @@ def test_a_job_whose_gate_fails_registers_nothing_and_keeps_the_report(
             )
         }
     )
-    # min_test_examples 200 needs 2,001 candidates at a 10 % test share: refused up front.
-    with pytest.raises(RetrainError, match="fewer than the 2001 needed"):
+    # min_test_examples 200 needs 2,000 candidates at a 10 % test share: refused up front.
+    with pytest.raises(RetrainError, match="fewer than the 2000 needed"):
         run_retraining(
             job_inputs(strict, store, registry, minilm_sentiment_dir, trained_sentiment_dir),
             work_dir=tmp_path / "work-strict",

@@ -213,7 +213,7 @@ def test_bad_requests_are_refused() -> None:
 
 
 def test_edge_cases_are_tagged_and_oversampled() -> None:
-    sampling = SamplingConfig(length_buckets=[10, 100])
+    sampling = SamplingConfig(length_buckets=[10, 100], segment_keys=["src"])
     samples = [
         TrafficSample(task="t", input_text="short", metadata={"src": "a", "id": [1]},
                       student_output="x", student_confidence=0.9, request_id="r1"),
@@ -227,6 +227,9 @@ def test_edge_cases_are_tagged_and_oversampled() -> None:
     assert candidates[1].segment == {"src": "a", "length": "10-99"}
     plain = candidates_from_traffic(samples)
     assert plain[0].segment == {"src": "a"} and plain[0].tags == ()
+    # Metadata not declared in sampling.segment_keys is no segment.
+    undeclared = candidates_from_traffic(samples, SamplingConfig(length_buckets=[10, 100]))
+    assert undeclared[0].segment == {"length": "<10"}
 
     result = select_inputs(candidates, 2, SelectionConfig())
     by_id = {item.candidate.id: item for item in result.items}

@@ -342,7 +342,14 @@ def test_full_weight_version_switch_restarts_vllm_with_requests_held(
         )
         deployment.switch_model(new_dir, "v2")
         assert deployment.server is not None
-        served = httpx.get(f"{deployment.server.base_url}/v1/models", timeout=10).json()
+        # The daemon runs its managed server with a key of its own.
+        key = deployment.server.config.api_key
+        assert key is not None
+        served = httpx.get(
+            f"{deployment.server.base_url}/v1/models",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        ).json()
         responses = _answered(d.kafka, policy.traffic.responses_topic, ids, timeout_s=600)
         dead = read_topic(
             d.kafka, policy.traffic.dead_letter_topic, until=lambda recs: False, timeout_s=2

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from distilld.errors import BackendError
+from distilld.logfiles import LogRotation
 from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig, group_members
 from support.vllm import smollm2_server_config, vllm_python
 
@@ -171,15 +172,26 @@ def _fake_config(tmp_path: Path, python: Path, **kwargs: float) -> VllmServerCon
 
 
 _STAND_IN_SERVER = """
-import json, sys
+import json, os, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 args = sys.argv[1:]
 port = int(args[args.index("--port") + 1])
 name = args[args.index("--served-model-name") + 1]
+# Like vLLM: with VLLM_API_KEY set, /v1 requests need it as a bearer token.
+key = os.environ.get("VLLM_API_KEY")
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
+        if key and self.path.startswith("/v1") and (
+            self.headers.get("Authorization") != "Bearer " + key
+        ):
+            body = json.dumps({"error": "Unauthorized"}).encode()
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         body = json.dumps({"object": "list", "data": [{"id": name}]}).encode()
         self.send_response(200 if self.path == "/v1/models" else 404)
         self.send_header("Content-Type", "application/json")
@@ -262,6 +274,26 @@ def test_a_server_that_exits_reports_its_exit_code_and_log(tmp_path: Path) -> No
     assert str(tmp_path / "fake.log") in message
 
 
+def test_the_log_is_rotated_by_size_and_still_quoted(tmp_path: Path) -> None:
+    python = _fake_python(
+        tmp_path,
+        'for i in $(seq 1 3000); do echo "noise line $i of a chatty server"; done; '
+        "echo 'ValueError: last words' >&2; exit 3",
+    )
+    config = dataclasses.replace(
+        _fake_config(tmp_path, python, ready_timeout_s=30),
+        log_rotation=LogRotation(max_bytes=10_000, backups=2),
+    )
+    with pytest.raises(BackendError) as caught:
+        ManagedVllmServer(config).start()
+    message = str(caught.value)
+    assert "exited with code 3" in message
+    assert "ValueError: last words" in message  # the tail comes from the current file
+    sizes = {p.name: p.stat().st_size for p in tmp_path.glob("fake.log*")}
+    assert set(sizes) == {"fake.log", "fake.log.1", "fake.log.2"}  # about 100 KB written
+    assert all(size <= 10_000 for size in sizes.values())
+
+
 def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     python = _fake_python(tmp_path, "(trap '' TERM; sleep 300) & sleep 300 & wait")
     server = ManagedVllmServer(_fake_config(tmp_path, python, stop_grace_s=0.5))
@@ -323,3 +355,41 @@ def test_command_line_and_environment(tmp_path: Path) -> None:
     env = server.environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_the_server_gets_no_secret_of_the_daemon_and_requires_its_own_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon's secrets in its environment: none may reach the vLLM process.
+    secrets = {
+        "DISTILLD_ADMIN_TOKEN": "admin-secret",
+        "DISTILLD_KAFKA_SASL_PASSWORD": "sasl-secret",
+        "TEACHER_API_KEY": "teacher-secret",
+        "HF_TOKEN": "hf-secret",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = dataclasses.replace(
+        _fake_config(tmp_path, _stand_in_python(tmp_path)), api_key="server-key-123"
+    )
+    assert "server-key-123" not in repr(config)
+    server = ManagedVllmServer(config)
+    with server:  # ready: wait_ready authenticated with the key
+        pid = server.pid
+        assert pid is not None
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        for name in secrets:
+            assert name not in env
+        assert not any(value in secrets.values() for value in env.values())
+        assert env["VLLM_API_KEY"] == "server-key-123"
+        assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]
+        # Anyone else is refused (vLLM guards /v1: runtime LoRA loads too).
+        assert httpx.get(f"{server.base_url}/v1/models", timeout=10).status_code == 401
+        authorised = httpx.get(
+            f"{server.base_url}/v1/models",
+            headers={"Authorization": "Bearer server-key-123"},
+            timeout=10,
+        )
+        assert authorised.status_code == 200

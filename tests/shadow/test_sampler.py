@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from distilld.monitoring.config import SamplingConfig
-from distilld.shadow.sampler import decide, length_bucket, segment_of
+from distilld.shadow.sampler import SegmentValues, decide, length_bucket, segment_of
 
 CONFIG = SamplingConfig(
     base_rate=0.1,
@@ -47,7 +47,7 @@ def test_length_buckets() -> None:
     assert length_bucket(64, [64]) == ">=64"
 
 
-def test_segments_come_from_scalar_metadata_and_length() -> None:
+def test_segments_come_from_declared_scalar_metadata_and_length() -> None:
     metadata = {
         "source": "app",
         "tier": 2,
@@ -57,7 +57,7 @@ def test_segments_come_from_scalar_metadata_and_length() -> None:
         "country": "x" * 100,
         "length": "ignored: the length bucket wins",
     }
-    segment = segment_of(TYPICAL, metadata, CONFIG)
+    segment = segment_of(TYPICAL, metadata, CONFIG, keys=set(metadata))
     assert segment == {
         "source": "app",
         "tier": "2",
@@ -69,12 +69,53 @@ def test_segments_come_from_scalar_metadata_and_length() -> None:
         "source": "app",
         "length": "10-99",
     }
+    # Undeclared metadata is never a segment (sampling.segment_keys unset: none is).
+    assert segment_of(TYPICAL, metadata, CONFIG) == {"length": "10-99"}
+
+
+def test_undeclared_metadata_never_makes_a_request_a_rare_segment() -> None:
+    # A producer setting a unique value per request (an id, a timestamp, an attack)
+    # must not get every request compared at rate 1.
+    rng = random.Random(7)
+    decisions = [
+        decide(TYPICAL, {"id": f"unique-{i}"}, 0.9, CONFIG, SATURATED, rng) for i in range(2000)
+    ]
+    assert all(d.segment == {"length": "10-99"} for d in decisions)
+    assert all(d.probability == pytest.approx(CONFIG.base_rate) for d in decisions)
+    assert sum(d.sample for d in decisions) < 2000 * 0.15
+
+
+def test_segment_values_keep_a_bounded_number_per_key() -> None:
+    values = SegmentValues(max_values=3, idle_after=100)
+    admitted = [values.admit({"source": f"s{i}", "length": "10-99"}) for i in range(10)]
+    assert [a["source"] for a in admitted] == ["s0", "s1", "s2"] + ["other"] * 7
+    assert all(a["length"] == "10-99" for a in admitted)  # the length bucket passes
+    assert values.tracked("source") == ["s0", "s1", "s2"]
+    # A tracked value keeps its place; "other" itself takes none.
+    assert values.admit({"source": "s1"}) == {"source": "s1"}
+    assert values.admit({"source": "other"}) == {"source": "other"}
+    assert values.tracked("source") == ["s0", "s2", "s1"]
+
+
+def test_an_idle_value_gives_its_place_up_but_a_busy_one_does_not() -> None:
+    values = SegmentValues(max_values=2, idle_after=5)
+    values.admit({"source": "old"})
+    for _ in range(6):
+        values.admit({"source": "busy"})
+    # "old" was last seen 6 requests ago (> idle_after): the new value takes its place.
+    assert values.admit({"source": "new"}) == {"source": "new"}
+    assert values.tracked("source") == ["busy", "new"]
+    # Both were seen within the last 5 requests: a newcomer is pooled.
+    assert values.admit({"source": "newer"}) == {"source": "other"}
+    with pytest.raises(ValueError, match="at least 1"):
+        SegmentValues(max_values=0, idle_after=5)
 
 
 def test_base_rate_once_every_segment_has_its_minimum() -> None:
     metadata = {"source": "app"}
-    below = decide(TYPICAL, metadata, 0.95, CONFIG, SATURATED, FixedRandom(0.099))
-    above = decide(TYPICAL, metadata, 0.95, CONFIG, SATURATED, FixedRandom(0.1))
+    keys = ["source"]
+    below = decide(TYPICAL, metadata, 0.95, CONFIG, SATURATED, FixedRandom(0.099), keys=keys)
+    above = decide(TYPICAL, metadata, 0.95, CONFIG, SATURATED, FixedRandom(0.1), keys=keys)
     assert below.sample and not above.sample
     assert below.probability == pytest.approx(0.1)
     assert below.reasons == ()
@@ -91,15 +132,21 @@ def test_sampled_share_follows_the_base_rate() -> None:
 def test_rare_segment_is_always_sampled_until_it_has_its_minimum() -> None:
     counts = Counter(SATURATED)
     counts[("source", "kiosk")] = 2
-    decision = decide(TYPICAL, {"source": "kiosk"}, 0.95, CONFIG, counts, FixedRandom(0.999))
+    decision = decide(
+        TYPICAL, {"source": "kiosk"}, 0.95, CONFIG, counts, FixedRandom(0.999), keys=["source"]
+    )
     assert decision.sample
     assert decision.probability == 1.0
     assert "source=kiosk" in decision.reasons[-1]
     counts[("source", "kiosk")] = 3
-    decision = decide(TYPICAL, {"source": "kiosk"}, 0.95, CONFIG, counts, FixedRandom(0.999))
+    decision = decide(
+        TYPICAL, {"source": "kiosk"}, 0.95, CONFIG, counts, FixedRandom(0.999), keys=["source"]
+    )
     assert not decision.sample
     # An unseen segment counts as 0.
-    unseen = decide(TYPICAL, {"source": "new"}, 0.95, CONFIG, counts, FixedRandom(0.999))
+    unseen = decide(
+        TYPICAL, {"source": "new"}, 0.95, CONFIG, counts, FixedRandom(0.999), keys=["source"]
+    )
     assert unseen.sample
 
 

@@ -30,6 +30,7 @@ from distilld.store.sqlite import SqliteStore
 from distilld.teacher.base import TeacherAnswer, TeacherStatus, TeacherUnavailable
 from distilld.teacher.config import TransformersTeacherConfig
 from distilld.teacher.local import LocalTeacher
+from distilld.teacher.resilience import CallBudget
 
 LABELS = ["fresh", "rotten"]
 POLICY_YAML = """
@@ -394,3 +395,92 @@ def test_task_settings_are_checked() -> None:
         ShadowTask(task="t", kind="summaries", sampling=SamplingConfig(), teacher=None)
     with pytest.raises(ValueError, match="schema"):
         ShadowTask(task="t", kind="generation", sampling=SamplingConfig(), teacher=None)
+
+
+# --------------------------------------------------------------------------- budget drain
+
+
+class BudgetedTeacher(FakeTeacher):
+    """The fake teacher behind the real CallBudget (``max_calls_per_hour``), counted per
+    input as the OpenAI teacher does; the budget's clock stands still."""
+
+    def __init__(self, max_calls: int) -> None:
+        super().__init__()
+        self.budget = CallBudget(max_calls, clock=lambda: 0.0)
+
+    def label(self, inputs: Sequence[str]) -> list[TeacherAnswer]:
+        if not self.budget.try_acquire(len(inputs)):
+            raise TeacherUnavailable("teacher budget spent", retry_after_s=3600.0)
+        return super().label(inputs)
+
+
+def offer_with_made_up_metadata(
+    worker: ShadowWorker, requests: int, chunk: int = 100
+) -> tuple[set[str], set[str]]:
+    """Every 10th request is ordinary (source "app"); the others carry a new id and a new
+    source each. Offered in chunks, each handled before the next, so that every sampled
+    request reaches the teacher (none is lost to a full backlog). Returns the ids of the
+    ordinary and of the made-up requests."""
+    ordinary: set[str] = set()
+    made_up: set[str] = set()
+    for start in range(0, requests, chunk):
+        for i in range(start, start + chunk):
+            # 64-255 characters: the middle length bucket, no edge-case boost.
+            text = f"an ordinary review of a film, number {i:05d}, neither short nor long"
+            if i % 10 == 0:
+                request_id, metadata = f"ordinary-{i}", {"source": "app"}
+                ordinary.add(request_id)
+            else:
+                request_id, metadata = f"made-up-{i}", {"id": f"id-{i}", "source": f"s-{i}"}
+                made_up.add(request_id)
+            worker.offer("reviews", request_id, text, metadata, "fresh", 0.9, "v1")
+        assert worker.wait_idle(60)
+    return ordinary, made_up
+
+
+@pytest.mark.parametrize("segment_keys", [None, ["source"]])
+def test_made_up_metadata_values_do_not_drain_the_teacher_budget(
+    store: SqliteStore, segment_keys: list[str] | None
+) -> None:
+    # A producer sets a unique metadata value on every request. Without segment_keys
+    # metadata is no segment at all; with source declared, at most max_values_per_key
+    # sources are tracked and the rest pool as "other". Either way the teacher is asked
+    # about roughly base_rate of the requests, not about every one.
+    requests, base_rate, budget = 10_000, 0.05, 2_000
+    sampling = SamplingConfig(
+        base_rate=base_rate,
+        min_per_segment=10,
+        segment_keys=segment_keys,
+        max_values_per_key=20,
+    )
+    teacher = BudgetedTeacher(budget)
+    task = ShadowTask(
+        task="reviews", kind="classification", sampling=sampling, teacher=teacher, window=1000
+    )
+    worker = ShadowWorker(
+        [task], store, teacher_batch_size=16, teacher_batch_wait_s=0.01, rng=random.Random(3)
+    )
+    worker.start()
+    try:
+        ordinary, _ = offer_with_made_up_metadata(worker, requests)
+    finally:
+        assert worker.stop()
+
+    stats = worker.stats.snapshot()
+    assert stats["offered"] == stats["reservoir_added"] == requests
+    # The base rate (500 expected), plus the first chunk sampled while the length
+    # bucket, "other" and the 20 tracked sources were below their minimum (at most
+    # 100 + 20): far from the 10,000 requests the made-up values would have drawn.
+    assert stats["sampled"] < 900, stats
+    assert stats["teacher_calls"] == stats["compared"] == stats["sampled"]
+    assert stats["paused"] == 0, "the teacher budget ran out"
+    assert teacher.budget.remaining > budget - 900
+    # Ordinary requests are still compared at about the base rate (50 expected).
+    compared = store.last_comparisons("reviews", requests)
+    assert sum(c.request_id in ordinary for c in compared) >= 20
+    sources = {c.segment.get("source") for c in compared}
+    if segment_keys is None:
+        assert all(set(c.segment) == {"length"} for c in compared)
+    else:
+        assert "app" in sources and "other" in sources
+        assert len(sources) <= 1 + 20 + 1  # app, the 20 tracked places, other

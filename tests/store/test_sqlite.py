@@ -136,6 +136,62 @@ def test_alerts_and_checks(store: SqliteStore) -> None:
     assert store.last_check("reviews") == latest
 
 
+def test_prune_deletes_rows_older_than_the_cutoff_and_keeps_newer_ones(
+    store: SqliteStore,
+) -> None:
+    # created_at 1000..1009 for r0..r9; cutoff 1005: r0..r4 are old.
+    store.add_comparisons([comparison(index=i) for i in range(10)])
+    store.add_comparisons([comparison(task="addresses", index=i) for i in range(3)])
+    for at in (1000.0, 1006.0):
+        store.add_alert(AlertEvent(task="reviews", kind="breach", metric="m", created_at=at))
+        store.add_check(CheckResult(task="reviews", summary={"at": at}, created_at=at))
+
+    deleted = store.prune(older_than=1005.0, keep_per_task=0)
+
+    assert deleted == {"comparisons": 5 + 3, "alerts": 1, "checks": 1}
+    assert [c.request_id for c in store.last_comparisons("reviews", 100)] == [
+        f"r{i}" for i in range(5, 10)
+    ]
+    assert store.count_comparisons("addresses") == 0
+    assert [a.created_at for a in store.last_alerts("reviews")] == [1006.0]
+    assert [c.summary for c in store.checks("reviews")] == [{"at": 1006.0}]
+    assert store.prune(older_than=1005.0, keep_per_task=0) == {
+        "comparisons": 0,
+        "alerts": 0,
+        "checks": 0,
+    }
+
+
+def test_prune_keeps_each_tasks_newest_rows_whatever_their_age(store: SqliteStore) -> None:
+    store.add_comparisons([comparison(index=i) for i in range(10)])
+    store.add_comparisons([comparison(task="addresses", index=i) for i in range(3)])
+    store.add_check(CheckResult(task="reviews", summary={}, created_at=1.0))
+
+    deleted = store.prune(older_than=1_000_000.0, keep_per_task=4)  # every row is old
+
+    assert deleted == {"comparisons": 6, "alerts": 0, "checks": 0}
+    assert [c.request_id for c in store.last_comparisons("reviews", 100)] == [
+        "r6",
+        "r7",
+        "r8",
+        "r9",
+    ]
+    assert store.count_comparisons("addresses") == 3  # within the floor
+    assert store.last_check("reviews") is not None
+
+
+def test_prune_deletes_in_batches(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("distilld.store.sqlite.PRUNE_BATCH", 3)
+    store.add_comparisons([comparison(index=i) for i in range(10)])
+    assert store.prune(older_than=1008.0, keep_per_task=1)["comparisons"] == 8
+    assert [c.request_id for c in store.last_comparisons("reviews", 100)] == ["r8", "r9"]
+
+
+def test_prune_refuses_a_negative_floor(store: SqliteStore) -> None:
+    with pytest.raises(ValueError, match="keep_per_task must be at least 0"):
+        store.prune(older_than=0.0, keep_per_task=-1)
+
+
 def test_data_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "samples.db"
     first = SqliteStore(path)

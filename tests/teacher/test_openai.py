@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from distilld.credentials import EXCERPT_CHARS
 from distilld.errors import BackendError, BackendUnavailable, ConfigError, PolicyError
 from distilld.log import configure_logging
 from distilld.policy.model import Policy
@@ -199,6 +200,7 @@ def make_teacher(
     policy: Policy | None = None,
     clock: FakeClock | None = None,
     environ: dict[str, str] | None = None,
+    secrets_dir: Path | None = None,
     **settings: Any,
 ) -> OpenAITeacher:
     options: dict[str, Any] = {
@@ -214,6 +216,7 @@ def make_teacher(
         OpenAITeacherConfig(**options),
         policy or classification_policy(),
         environ=environ or {},
+        secrets_dir=secrets_dir,
         clock=clock or FakeClock(),
     )
 
@@ -605,6 +608,45 @@ def test_api_key_is_sent_but_never_shown(
         assert SECRET[3:12] not in text
 
 
+def test_a_key_straddling_the_excerpt_cut_never_leaks_a_prefix(
+    server: FakeOpenAIServer, teachers: list[OpenAITeacher]
+) -> None:
+    # Error bodies are quoted up to EXCERPT_CHARS characters. The key is masked
+    # before the cut: cutting first left the start of a key that straddles it.
+    teacher = make_teacher(
+        server,
+        environ={"TEACHER_KEY": SECRET},
+        api_key_env="TEACHER_KEY",
+        breaker_failure_threshold=1000,
+    )
+    teachers.append(teacher)
+    # Where the body sits in each message: after "... answered HTTP 500: " etc.
+    for offset in range(EXCERPT_CHARS - len(SECRET) - 1, EXCERPT_CHARS + 2):
+        body = "x" * offset + SECRET + "y" * EXCERPT_CHARS
+        shown: list[str] = []
+        for status, error in ((500, TeacherUnavailable), (401, TeacherError)):
+            server.push(Reply(status=status, body=body))
+            with pytest.raises(error) as caught:
+                teacher.label(["x"])
+            shown.append(str(caught.value))
+        server.push(Reply(status=400, body=body))  # refuses this input: an answer error
+        answer_error = teacher.label(["x"])[0].error
+        assert answer_error is not None
+        shown.append(answer_error)
+        server.push(Reply(status=200, body=body))  # a body that is not JSON
+        with pytest.raises(TeacherUnavailable) as garbage:
+            teacher.label(["x"])
+        shown.append(str(garbage.value))
+        server.push(Reply(status=200, body={"unexpected": body}))  # JSON, not a completion
+        with pytest.raises(TeacherUnavailable) as malformed:
+            teacher.label(["x"])
+        shown.append(str(malformed.value))
+        for text in shown:
+            for length in range(3, len(SECRET) + 1):
+                assert SECRET[:length] not in text, (offset, length, text)
+        assert "x" * 20 in shown[0]  # the body was quoted
+
+
 def test_missing_key_variable_is_a_config_error_naming_it(server: FakeOpenAIServer) -> None:
     config = OpenAITeacherConfig(base_url=server.base_url, model="m", api_key_env="NOPE_KEY")
     with pytest.raises(ConfigError, match="NOPE_KEY"):
@@ -628,7 +670,7 @@ def test_the_key_can_come_from_a_file_and_is_never_shown(
 ) -> None:
     key_file = tmp_path / "teacher-key"
     key_file.write_text(SECRET + "\n")
-    teacher = make_teacher(server, api_key_file=str(key_file))
+    teacher = make_teacher(server, api_key_file=str(key_file), secrets_dir=tmp_path)
     teachers.append(teacher)
 
     assert teacher.label(["x"])[0].error is None
@@ -640,6 +682,35 @@ def test_the_key_can_come_from_a_file_and_is_never_shown(
             base_url=server.base_url, model="m", api_key_env="K", api_key_file=str(key_file)
         )
     key_file.unlink()
-    with pytest.raises(ConfigError, match="cannot read the teacher's API key file") as missing:
-        make_teacher(server, api_key_file=str(key_file))
+    with pytest.raises(ConfigError, match="cannot read the API key file") as missing:
+        make_teacher(server, api_key_file=str(key_file), secrets_dir=tmp_path)
+    assert "teacher.api_key_file" in str(missing.value)
     assert SECRET not in str(missing.value)
+
+
+def test_the_key_file_must_lie_in_the_secrets_directory(
+    tmp_path: Path, server: FakeOpenAIServer, teachers: list[OpenAITeacher]
+) -> None:
+    # A policy must not send any file the daemon can read as a bearer key.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "teacher_key").write_text(SECRET)
+    elsewhere = tmp_path / "daemon-only.txt"
+    elsewhere.write_text("not a key\n")
+    (secrets / "link").symlink_to(elsewhere)
+
+    relative = make_teacher(server, api_key_file="teacher_key", secrets_dir=secrets)
+    teachers.append(relative)
+    relative.label(["x"])
+    assert server.requests[-1]["headers"]["Authorization"] == f"Bearer {SECRET}"
+
+    for value in (str(elsewhere), "../daemon-only.txt", "link"):
+        with pytest.raises(ConfigError) as refused:
+            make_teacher(server, api_key_file=value, secrets_dir=secrets)
+        message = str(refused.value)
+        assert "teacher.api_key_file" in message and repr(value) in message
+        assert f"DISTILLD_SECRETS_DIR={secrets}" in message
+        assert "not a key" not in message
+    with pytest.raises(ConfigError, match="no secrets directory is configured"):
+        make_teacher(server, api_key_file=str(secrets / "teacher_key"))
+    assert len(server.requests) == 1  # nothing was sent with a refused file

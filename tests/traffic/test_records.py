@@ -7,23 +7,30 @@ was received, so an operator reading a dead-letter record knows what to fix.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 from typing import Any
 
 import pytest
 
+from distilld.echo import ECHO_CHARS
 from distilld.traffic.records import (
+    MAX_DEAD_LETTER_KEY_BYTES,
     MAX_DEAD_LETTER_ORIGINAL_BYTES,
     MAX_ID_CHARS,
+    MAX_METADATA_CHARS,
     MAX_METADATA_ENTRIES,
+    RECORD_OVERHEAD_BYTES,
     DeadLetterReason,
     Rejection,
     Request,
     SourcePosition,
+    dead_letter_key,
     encode_dead_letter,
     encode_response,
     parse_request,
+    record_budget,
 )
 
 LIMIT = 1_000_000
@@ -291,6 +298,36 @@ def test_too_many_metadata_entries() -> None:
 
 
 @pytest.mark.parametrize(
+    "metadata",
+    [
+        {"k": "v" * (MAX_METADATA_CHARS + 1)},
+        {"k" * (MAX_METADATA_CHARS + 1): "v"},
+        {"k": "\u0085" * 400_000},
+    ],
+)
+def test_metadata_keys_and_values_are_short_labels(metadata: dict[str, str]) -> None:
+    # Responses echo metadata: an unbounded value made responses as large as requests.
+    raw = json.dumps(valid_doc(metadata=metadata), ensure_ascii=False).encode()
+    rejection = rejected(raw)
+    assert rejection.reason is DeadLetterReason.wrong_type
+    assert f"over {MAX_METADATA_CHARS} characters" in rejection.detail
+    assert len(rejection.detail) < 1_000
+
+
+def test_metadata_of_exactly_max_chars_is_accepted() -> None:
+    label = "x" * MAX_METADATA_CHARS
+    result = parse_request(raw_of(valid_doc(metadata={label: label})), LIMIT)
+    assert isinstance(result, Request)
+
+
+def test_a_rejection_detail_quotes_a_huge_metadata_key_only_clipped() -> None:
+    key = "\u0085" * 400_000  # repr writes each as 4 characters
+    rejection = rejected(json.dumps(valid_doc(metadata={key: 1}), ensure_ascii=False).encode())
+    assert rejection.reason is DeadLetterReason.wrong_type
+    assert len(rejection.detail) < 10 * ECHO_CHARS + 100
+
+
+@pytest.mark.parametrize(
     ("raw", "where"),
     [
         (b'{"id": "r-\\ud800", "task": "t", "input": "x"}', "field 'id'"),
@@ -481,7 +518,7 @@ SOURCE = SourcePosition(topic="reviews.requests", partition=3, offset=1_234, tim
 def test_dead_letter_fields() -> None:
     raw = b'{"id": 1}'
     rejection = Rejection(DeadLetterReason.wrong_type, "field 'id' must be a string, received int")
-    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE))
+    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE, max_bytes=LIMIT))
     assert doc == {
         "reason": "wrong_type",
         "detail": "field 'id' must be a string, received int",
@@ -493,6 +530,7 @@ def test_dead_letter_fields() -> None:
         },
         "original_base64": base64.b64encode(raw).decode("ascii"),
         "original_bytes": len(raw),
+        "original_sha256": hashlib.sha256(raw).hexdigest(),
         "original_truncated": False,
     }
     assert base64.b64decode(doc["original_base64"]) == raw
@@ -504,7 +542,7 @@ def test_dead_letter_keeps_invalid_utf8_bytes_exactly() -> None:
     raw = b'{"input": "caf\xe9 \xff\xfe\x00"}'
     rejection = rejected(raw)
     assert rejection.reason is DeadLetterReason.invalid_utf8
-    out = encode_dead_letter(raw, rejection, SOURCE)
+    out = encode_dead_letter(raw, rejection, SOURCE, max_bytes=LIMIT)
     doc = json.loads(out.decode("utf-8"))
     assert doc["reason"] == "invalid_utf8"
     assert base64.b64decode(doc["original_base64"]) == raw
@@ -513,7 +551,7 @@ def test_dead_letter_keeps_invalid_utf8_bytes_exactly() -> None:
 
 def test_dead_letter_of_null_value() -> None:
     rejection = rejected(None)
-    doc = json.loads(encode_dead_letter(None, rejection, SOURCE))
+    doc = json.loads(encode_dead_letter(None, rejection, SOURCE, max_bytes=LIMIT))
     assert doc["reason"] == "missing_field"
     assert doc["original_base64"] == ""
     assert doc["original_bytes"] == 0
@@ -523,7 +561,7 @@ def test_dead_letter_of_null_value() -> None:
 def test_dead_letter_without_timestamp() -> None:
     source = SourcePosition(topic="t", partition=0, offset=0)
     rejection = Rejection(DeadLetterReason.invalid_json, "not JSON")
-    doc = json.loads(encode_dead_letter(b"{", rejection, source))
+    doc = json.loads(encode_dead_letter(b"{", rejection, source, max_bytes=LIMIT))
     assert doc["source"] == {"topic": "t", "partition": 0, "offset": 0, "timestamp_ms": None}
 
 
@@ -531,7 +569,7 @@ def test_dead_letter_at_the_size_limit_is_not_truncated() -> None:
     raw = bytes(range(256)) * (MAX_DEAD_LETTER_ORIGINAL_BYTES // 256)
     assert len(raw) == MAX_DEAD_LETTER_ORIGINAL_BYTES
     rejection = Rejection(DeadLetterReason.message_too_large, "too big")
-    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE))
+    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE, max_bytes=LIMIT))
     assert doc["original_truncated"] is False
     assert doc["original_bytes"] == MAX_DEAD_LETTER_ORIGINAL_BYTES
     assert base64.b64decode(doc["original_base64"]) == raw
@@ -541,7 +579,7 @@ def test_dead_letter_truncates_large_originals() -> None:
     size = MAX_DEAD_LETTER_ORIGINAL_BYTES + 1_000
     raw = bytes(i % 251 for i in range(size))
     rejection = Rejection(DeadLetterReason.message_too_large, "too big")
-    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE))
+    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE, max_bytes=LIMIT))
     assert doc["original_truncated"] is True
     assert doc["original_bytes"] == size
     kept = base64.b64decode(doc["original_base64"])
@@ -552,15 +590,108 @@ def test_dead_letter_truncates_large_originals() -> None:
 def test_dead_letter_one_byte_over_is_truncated() -> None:
     raw = b"x" * (MAX_DEAD_LETTER_ORIGINAL_BYTES + 1)
     rejection = Rejection(DeadLetterReason.message_too_large, "too big")
-    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE))
+    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE, max_bytes=LIMIT))
     assert doc["original_truncated"] is True
     assert doc["original_bytes"] == MAX_DEAD_LETTER_ORIGINAL_BYTES + 1
     assert len(base64.b64decode(doc["original_base64"])) == MAX_DEAD_LETTER_ORIGINAL_BYTES
 
 
+def test_dead_letter_keeps_the_length_and_hash_of_an_original_it_cuts() -> None:
+    raw = bytes(i % 251 for i in range(MAX_DEAD_LETTER_ORIGINAL_BYTES * 3))
+    rejection = Rejection(DeadLetterReason.message_too_large, "too big")
+    doc = json.loads(encode_dead_letter(raw, rejection, SOURCE, max_bytes=LIMIT))
+    assert doc["original_bytes"] == len(raw)
+    assert doc["original_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert doc["original_truncated"] is True
+
+
+@pytest.mark.parametrize(
+    "task",
+    ["t" * 600_000, "\u0085" * 400_000, "\U0001f3ac" * 250_000, "\x00" * 160_000],
+)
+@pytest.mark.parametrize("budget", [LIMIT, 100_000, 4_096, 1_024])
+def test_a_dead_letter_echoing_a_huge_task_fits_its_budget(task: str, budget: int) -> None:
+    # The review's case: the task was repeated in the detail and in "task", plus
+    # the original in base64: 1.55 MB (3.1 MB with U+0085) for a 1 MB limit.
+    raw = json.dumps({"id": "a", "task": task, "input": "hi"}, ensure_ascii=False).encode()
+    rejection = Rejection(DeadLetterReason.unknown_task, f"task {task!r} is not served here")
+    value = encode_dead_letter(raw, rejection, SOURCE, max_bytes=budget, request_id="a", task=task)
+    assert len(value) <= budget
+    doc = json.loads(value)
+    assert doc["original_bytes"] == len(raw)
+    assert doc["original_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert doc["original_truncated"] is True
+    kept = base64.b64decode(doc["original_base64"])
+    assert raw.startswith(kept)
+    assert len(doc["task"]) <= ECHO_CHARS + 3
+    assert doc["task"].endswith("...")
+    assert doc["id"] == "a"
+
+
+def test_a_dead_letter_keeps_as_much_of_the_original_as_fits() -> None:
+    raw = b"x" * 50_000
+    rejection = Rejection(DeadLetterReason.invalid_json, "not JSON")
+    value = encode_dead_letter(raw, rejection, SOURCE, max_bytes=10_000)
+    assert 10_000 - 4 <= len(value) <= 10_000
+    kept = base64.b64decode(json.loads(value)["original_base64"])
+    assert kept == raw[: len(kept)]
+
+
+def test_dead_letters_fit_every_budget_property() -> None:
+    rng = random.Random(11)
+    alphabet = ["a", "\u0085", "\x00", "é", "\U0001f3ac", '"', "\\"]
+    for _ in range(300):
+        size = rng.choice([0, 10, 1_000, 100_000, 600_000])
+        text = "".join(rng.choice(alphabet) for _ in range(min(size, 2_000))) * max(
+            1, size // 2_000
+        )
+        raw = text.encode("utf-8")[: rng.choice([0, 50, 1_000_000])]
+        budget = rng.randint(700, 1_100_000)
+        value = encode_dead_letter(
+            raw,
+            Rejection(DeadLetterReason.unknown_task, f"task {text!r}"),
+            SOURCE,
+            max_bytes=budget,
+            request_id=text[:256] or None,
+            task=text or None,
+            keep_original=rng.random() < 0.8,
+        )
+        assert len(value) <= budget, (size, budget)
+        doc = json.loads(value)
+        assert doc["original_bytes"] == len(raw)
+
+
+def test_a_minimal_dead_letter_has_no_original_bytes_but_their_length_and_hash() -> None:
+    raw = b'{"id": "a", "task": "t", "input": "hi"}'
+    rejection = Rejection(DeadLetterReason.send_refused, "the response record was refused")
+    doc = json.loads(
+        encode_dead_letter(raw, rejection, SOURCE, max_bytes=LIMIT, keep_original=False)
+    )
+    assert doc["original_base64"] == ""
+    assert doc["original_truncated"] is True
+    assert doc["original_bytes"] == len(raw)
+    assert doc["original_sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_the_record_budget_leaves_room_for_the_key_and_kafka_framing() -> None:
+    assert record_budget(10_000, None) == 10_000 - RECORD_OVERHEAD_BYTES
+    assert record_budget(10_000, b"k" * 100) == 10_000 - 100 - RECORD_OVERHEAD_BYTES
+
+
+def test_a_dead_letter_drops_an_oversized_key() -> None:
+    assert dead_letter_key(None) is None
+    assert dead_letter_key(b"r-1") == b"r-1"
+    assert dead_letter_key(b"k" * MAX_DEAD_LETTER_KEY_BYTES) == b"k" * MAX_DEAD_LETTER_KEY_BYTES
+    assert dead_letter_key(b"k" * (MAX_DEAD_LETTER_KEY_BYTES + 1)) is None
+
+
 def test_dead_letter_with_request_id_and_task() -> None:
     rejection = Rejection(DeadLetterReason.unknown_task, "task 'x' is not served here")
-    doc = json.loads(encode_dead_letter(b"{}", rejection, SOURCE, request_id="r-9", task="reviews"))
+    doc = json.loads(
+        encode_dead_letter(
+            b"{}", rejection, SOURCE, max_bytes=LIMIT, request_id="r-9", task="reviews"
+        )
+    )
     assert doc["id"] == "r-9"
     assert doc["task"] == "reviews"
     assert doc["reason"] == "unknown_task"
@@ -568,21 +699,23 @@ def test_dead_letter_with_request_id_and_task() -> None:
 
 def test_dead_letter_with_only_request_id() -> None:
     rejection = Rejection(DeadLetterReason.student_failed, "boom")
-    doc = json.loads(encode_dead_letter(b"{}", rejection, SOURCE, request_id="r-9"))
+    doc = json.loads(
+        encode_dead_letter(b"{}", rejection, SOURCE, max_bytes=LIMIT, request_id="r-9")
+    )
     assert doc["id"] == "r-9"
     assert "task" not in doc
 
 
 def test_dead_letter_with_only_task() -> None:
     rejection = Rejection(DeadLetterReason.student_failed, "boom")
-    doc = json.loads(encode_dead_letter(b"{}", rejection, SOURCE, task="reviews"))
+    doc = json.loads(encode_dead_letter(b"{}", rejection, SOURCE, max_bytes=LIMIT, task="reviews"))
     assert doc["task"] == "reviews"
     assert "id" not in doc
 
 
 def test_dead_letter_unicode_detail_is_utf8() -> None:
     rejection = Rejection(DeadLetterReason.unknown_task, "task 'critiqué' is not served here")
-    out = encode_dead_letter(b"{}", rejection, SOURCE, task="critiqué")
+    out = encode_dead_letter(b"{}", rejection, SOURCE, max_bytes=LIMIT, task="critiqué")
     assert "critiqué".encode() in out
     doc = json.loads(out.decode("utf-8"))
     assert doc["detail"] == "task 'critiqué' is not served here"
@@ -602,8 +735,14 @@ def test_dead_letter_reason_codes_are_stable() -> None:
         "input_too_large",
         "message_too_large",
         "student_failed",
+        "response_too_large",
+        "send_refused",
     ]
-    doc = json.loads(encode_dead_letter(b"x", Rejection(DeadLetterReason.wrong_topic, "d"), SOURCE))
+    doc = json.loads(
+        encode_dead_letter(
+            b"x", Rejection(DeadLetterReason.wrong_topic, "d"), SOURCE, max_bytes=LIMIT
+        )
+    )
     assert doc["reason"] == "wrong_topic"
 
 
@@ -625,7 +764,9 @@ def test_every_accepted_request_can_be_answered_and_dead_lettered() -> None:
         )
         rejection = Rejection(DeadLetterReason.unknown_task, f"task {result.task!r}")
         json.loads(
-            encode_dead_letter(raw, rejection, SOURCE, request_id=result.id, task=result.task)
+            encode_dead_letter(
+                raw, rejection, SOURCE, max_bytes=LIMIT, request_id=result.id, task=result.task
+            )
         )
         accepted += 1
     assert accepted > 10

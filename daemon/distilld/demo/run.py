@@ -63,7 +63,8 @@ AFTER_PROMOTION_COMPARISONS = 150
 
 # The demo compresses time; everything else comes from the example policy.
 DEMO_OVERRIDES: dict[str, Any] = {
-    "sampling": {"base_rate": 0.5},
+    # The demo's requests carry metadata kind (review / plot): a declared segment.
+    "sampling": {"base_rate": 0.5, "segment_keys": ["kind"]},
     "monitors": {
         "interval_s": 15,
         # The first student agrees with the teacher on about 76 % of the first

@@ -12,6 +12,10 @@ wide, never too narrow.
 
 Below ``min_samples`` a value is still reported (a person may want to see
 it), but ``sufficient`` is False and policy evaluation gives no verdict.
+
+Each segment key reports at most ``max_values_per_key`` values (the most
+frequent in the window); the rest are measured together as ``key=other``, so
+the verdicts and alerts of a check stay bounded whatever the stored rows hold.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
-from distilld.monitoring.config import AccuracyMonitorConfig
+from distilld.monitoring.config import (
+    DEFAULT_MAX_SEGMENT_VALUES,
+    OTHER_SEGMENT_VALUE,
+    AccuracyMonitorConfig,
+)
 from distilld.monitoring.features import MonitoringError
 
 OVERALL = "all"
@@ -162,12 +170,15 @@ def measure_accuracy(
     task: str,
     metric: str,
     model_version: str | None = None,
+    max_values_per_key: int = DEFAULT_MAX_SEGMENT_VALUES,
 ) -> AccuracyMeasurement:
     """Mean score and interval over the last ``config.window`` comparisons of ``task``.
 
     With ``model_version``, only that version's comparisons count (after a
     promotion, the previous student's comparisons say nothing about the new
-    one). Comparisons of another task are a caller error.
+    one). Comparisons of another task are a caller error. Per segment, each key
+    keeps its ``max_values_per_key`` most frequent values; the rest are pooled
+    as ``key=other``.
     """
     chosen = []
     for c in comparisons:
@@ -191,6 +202,7 @@ def measure_accuracy(
             for label in c.segments:
                 if keys is None or label.partition("=")[0] in keys:
                     by_segment[label].append(c.score)
+        by_segment = pool_rare_values(by_segment, max_values_per_key)
         segments = tuple(
             _stat(label, by_segment[label], seg_config.min_samples, level)
             for label in sorted(by_segment)
@@ -203,3 +215,28 @@ def measure_accuracy(
         overall=overall,
         segments=segments,
     )
+
+
+def pool_rare_values(
+    by_segment: Mapping[str, list[float]], max_values: int
+) -> dict[str, list[float]]:
+    """Keep each key's ``max_values`` most frequent values (ties: by label); pool the
+    scores of the others under ``key=other``."""
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for label in by_segment:
+        by_key[label.partition("=")[0]].append(label)
+    pooled: dict[str, list[float]] = {}
+    for key, labels in by_key.items():
+        if len(labels) <= max_values:
+            kept, rest = labels, []
+        else:
+            ranked = sorted(labels, key=lambda label: (-len(by_segment[label]), label))
+            kept, rest = ranked[:max_values], ranked[max_values:]
+        for label in kept:
+            pooled[label] = list(by_segment[label])
+        if rest:
+            other = f"{key}={OTHER_SEGMENT_VALUE}"
+            pooled.setdefault(other, [])
+            for label in rest:
+                pooled[other].extend(by_segment[label])
+    return pooled

@@ -47,6 +47,11 @@ FeatureName = Literal[
 ]
 # The segment key of an input's length bucket (shadow/sampler.py), always present.
 LENGTH_SEGMENT_KEY = "length"
+# At most this many distinct values of one metadata segment key are tracked (by the
+# sampler, the accuracy monitor); the values beyond them share OTHER_SEGMENT_VALUE, so
+# that producers cannot grow memory, alerts or teacher calls with made-up values.
+DEFAULT_MAX_SEGMENT_VALUES = 50
+OTHER_SEGMENT_VALUE = "other"
 # The one categorical feature; every other feature is numerical.
 CATEGORICAL_FEATURES = frozenset({"predicted_label"})
 
@@ -329,9 +334,17 @@ class SamplingConfig(StrictModel):
     segment_keys: list[str] | None = Field(
         default=None,
         description="Request metadata keys that form segments (e.g. [source, language]); "
-        "the length bucket (key length) is always one. Unset: every scalar metadata key, "
-        "so keys with one value per request (ids, timestamps) would make every request a "
-        "rare segment, always sampled.",
+        "the length bucket (key length) is always one. Unset: no metadata key, only the "
+        "length bucket (metadata a producer sets is never a segment unless declared here).",
+    )
+    max_values_per_key: int = Field(
+        default=DEFAULT_MAX_SEGMENT_VALUES,
+        ge=1,
+        le=10_000,
+        description="Distinct values tracked per segment key; a new value beyond them "
+        f"counts as {OTHER_SEGMENT_VALUE!r} (a value unseen for 10 accuracy windows of "
+        "requests gives its place up). Bounds the rare segments sampled at rate 1, and "
+        "the segments the accuracy monitor reports.",
     )
 
     @field_validator("segment_keys")

@@ -86,12 +86,19 @@ class TextProfile:
         return int(self.components.shape[0])
 
 
+#: Where a reference comes from: "model", the inputs a student was trained on
+#: (saved when it is trained); "pinned", the first requests a version answered
+#: (for a version that came without one, e.g. a student trained elsewhere).
+ReferenceOrigin = Literal["model", "pinned"]
+
+
 @dataclass(frozen=True, eq=False)
 class Reference:
     """The reference inputs' features and the profile that describes new inputs alike."""
 
     profile: TextProfile
     frame: pd.DataFrame
+    origin: ReferenceOrigin = "model"
 
 
 # --------------------------------------------------------------------------- descriptors
@@ -373,6 +380,8 @@ def save_reference(reference: Reference, path: Path) -> None:
         },
         "rows": len(frame),
         "columns": columns,
+        # Optional: readers that predate it ignore it, and its absence means "model".
+        "origin": reference.origin,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: a reader never sees a half-written reference.
@@ -380,6 +389,8 @@ def save_reference(reference: Reference, path: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(doc, handle, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())  # what the rename publishes survives a power loss
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -420,6 +431,9 @@ def load_reference(path: Path) -> Reference:
             mean=mean,
             components=components,
         )
+        origin = doc.get("origin", "model")
+        if origin not in ("model", "pinned"):
+            raise ValueError(f"unknown origin {origin!r}")
         rows = int(doc["rows"])
         columns: dict[str, Any] = {}
         for name, values in doc["columns"].items():
@@ -435,4 +449,4 @@ def load_reference(path: Path) -> Reference:
             f"drift reference {path} is not a valid reference file ({detail}); "
             "write it again with save_reference"
         ) from None
-    return Reference(profile=profile, frame=pd.DataFrame(columns))
+    return Reference(profile=profile, frame=pd.DataFrame(columns), origin=origin)

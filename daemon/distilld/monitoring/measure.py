@@ -18,14 +18,17 @@
    ``summary.json``).
 
 The drift reference is the one saved with the live student (``reference_source
-"model"``). A model without one (a student trained outside distilld, or before
-references were saved) is compared with early traffic instead
-(``"early_traffic"``): the oldest ``drift.reference_size`` reservoir rows that
-precede the current window, fitted afresh at each check. That reference moves
-as the bounded reservoir rotates, so a lasting shift eventually becomes the
-reference and stops being reported; a saved reference does not have that
-weakness. Too few rows on either side give no drift measurement, and the
-verdict is insufficient data.
+"model"``: the inputs it was trained on). A version without one (a student
+trained outside distilld, or before references were saved) gets one pinned
+from the first ``drift.reference_size`` requests it answered
+(``"pinned"``; :func:`pin_reference`): once fitted, the caller saves it with
+the version (``pin``), and it never moves again, so a lasting shift stays
+reported until another version is live. (Fitting it afresh on the oldest
+reservoir rows at each check would let it follow the bounded reservoir as it
+rotates: a lasting shift would become the reference and "recover" by
+itself.) Until the version has answered enough requests, drift is not
+measured and the check says so. Too few recent rows give no drift
+measurement either, and the verdict is insufficient data.
 
 Deciding what to do about the verdicts (alerts, retraining) is the caller's.
 """
@@ -34,12 +37,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from distilld.monitoring.accuracy import (
     AccuracyMeasurement,
@@ -47,11 +52,16 @@ from distilld.monitoring.accuracy import (
     measure_accuracy,
     segment_labels,
 )
-from distilld.monitoring.config import MonitorsConfig
+from distilld.monitoring.config import (
+    DEFAULT_MAX_SEGMENT_VALUES,
+    DriftMonitorConfig,
+    MonitorsConfig,
+)
 from distilld.monitoring.drift import DriftMeasurement, measure_drift
 from distilld.monitoring.features import (
     MonitoringError,
     Reference,
+    ReferenceOrigin,
     describe,
     fit_reference,
 )
@@ -66,7 +76,7 @@ METRIC_BY_KIND = {
     "generation": "schema_valid",
 }
 
-ReferenceSource = Literal["model", "early_traffic"]
+ReferenceSource = ReferenceOrigin
 
 
 @dataclass(frozen=True)
@@ -99,13 +109,21 @@ def run_check(
     reports_dir: Path | None,
     now: float | None = None,
     model_version: str | None = None,
+    pin: Callable[[str, Reference], None] | None = None,
+    pin_size: int | None = None,
+    max_values_per_key: int = DEFAULT_MAX_SEGMENT_VALUES,
 ) -> CheckOutcome:
     """Measure accuracy and drift of ``task`` now, evaluate them, store the summary.
 
     ``kind`` is the policy's task kind; ``reference`` the live student's drift
-    reference (None: early traffic stands in); ``model_version`` restricts
-    accuracy to the live student's comparisons. Raises MonitoringError (or the
-    store's StoreError) when the check cannot be made.
+    reference (None: it has none yet); ``model_version`` restricts accuracy to
+    the live student's comparisons. Without a reference, one is fitted on the
+    first ``pin_size`` requests (default ``drift.reference_size``) that
+    ``model_version`` answered, once it has answered them, and handed to
+    ``pin(model_version, reference)`` to be saved with the version; without
+    ``pin`` (or a version), drift is not measured. ``max_values_per_key`` bounds
+    the segments reported per key. Raises MonitoringError (or the store's
+    StoreError) when the check cannot be made.
     """
     if kind not in METRIC_BY_KIND:
         raise MonitoringError(
@@ -120,14 +138,25 @@ def run_check(
     accuracy = None
     if monitors.accuracy.enabled:
         accuracy = current_accuracy(
-            task, kind=kind, monitors=monitors, store=store, model_version=model_version
+            task,
+            kind=kind,
+            monitors=monitors,
+            store=store,
+            model_version=model_version,
+            max_values_per_key=max_values_per_key,
         )
 
     drift = None
     source: ReferenceSource | None = None
     note = None
     if monitors.drift.enabled:
-        drift, source, note = _measure_drift(task, kind, monitors, store, reference, report_dir)
+        if reference is None:
+            reference, note = _pinned(
+                task, kind, monitors.drift, store, model_version, pin, pin_size
+            )
+        if reference is not None:
+            source = reference.origin
+            drift, note = _measure_drift(task, kind, monitors, store, reference, report_dir)
 
     verdicts = evaluate(task, monitors, accuracy=accuracy, drift=drift)
     summary = _summary(
@@ -160,6 +189,7 @@ def current_accuracy(
     monitors: MonitorsConfig,
     store: SampleStore,
     model_version: str | None = None,
+    max_values_per_key: int = DEFAULT_MAX_SEGMENT_VALUES,
 ) -> AccuracyMeasurement:
     """The accuracy monitor's measurement over the stored comparisons, right now
     (what a check would measure; ``distilld status`` shows it between checks)."""
@@ -170,6 +200,7 @@ def current_accuracy(
         task=task,
         metric=METRIC_BY_KIND[kind],
         model_version=model_version,
+        max_values_per_key=max_values_per_key,
     )
 
 
@@ -198,48 +229,72 @@ def _comparisons(stored: list[StoredComparison]) -> list[Comparison]:
 # --------------------------------------------------------------------------- drift
 
 
+def pin_reference(
+    rows: list[TrafficSample],
+    *,
+    kind: str,
+    version: str,
+    config: DriftMonitorConfig,
+    size: int | None = None,
+) -> tuple[Reference | None, int]:
+    """A drift reference fitted on the first ``size`` rows (default
+    ``config.reference_size``) answered by ``version``, among reservoir ``rows``
+    (oldest first), and how many such rows there are; (None, found) while fewer."""
+    needed = config.reference_size if size is None else size
+    first = [r for r in rows if r.model_version == version][:needed]
+    if len(first) < needed:
+        return None, len(first)
+    with_labels = kind == "classification"
+    reference = fit_reference(
+        [r.input_text for r in first],
+        predicted_labels=_labels(first) if with_labels else None,
+        confidences=[_confidence(r) for r in first],
+        embedding_dims=config.embedding_dims,
+    )
+    return replace(reference, origin="pinned"), len(first)
+
+
+def _pinned(
+    task: str,
+    kind: str,
+    config: DriftMonitorConfig,
+    store: SampleStore,
+    version: str | None,
+    pin: Callable[[str, Reference], None] | None,
+    size: int | None,
+) -> tuple[Reference | None, str | None]:
+    """The reference pinned for ``version`` now, or why there is none yet."""
+    needed = config.reference_size if size is None else size
+    if version is None:
+        return None, "no drift reference and no live version to pin one for"
+    reference, found = pin_reference(
+        store.reservoir(task), kind=kind, version=version, config=config, size=needed
+    )
+    if reference is None or pin is None:
+        return None, (
+            f"no drift reference for version {version!r} yet: one is pinned from the first "
+            f"{needed} requests it answers ({found} so far), and drift is measured from then on"
+        )
+    pin(version, reference)
+    return reference, None
+
+
 def _measure_drift(
     task: str,
     kind: str,
     monitors: MonitorsConfig,
     store: SampleStore,
-    reference: Reference | None,
+    reference: Reference,
     report_dir: Path | None,
-) -> tuple[DriftMeasurement | None, ReferenceSource, str | None]:
+) -> tuple[DriftMeasurement | None, str | None]:
     config = monitors.drift
-    if reference is not None:
-        rows = store.reservoir(task, limit=config.window)
-        current, early = rows, []
-        source: ReferenceSource = "model"
-    else:
-        # The whole reservoir: the early-traffic reference is its oldest rows.
-        rows = store.reservoir(task)
-        current = rows[-config.window :]
-        early = rows[: max(0, len(rows) - config.window)][: config.reference_size]
-        source = "early_traffic"
+    current = store.reservoir(task, limit=config.window)
     if len(current) < config.min_samples:
         return (
             None,
-            source,
-            (f"{len(current)} recent inputs, fewer than drift.min_samples={config.min_samples}"),
+            f"{len(current)} recent inputs, fewer than drift.min_samples={config.min_samples}",
         )
     with_labels = kind == "classification"
-    if reference is None:
-        if len(early) < config.min_samples:
-            return (
-                None,
-                source,
-                (
-                    f"no saved reference and {len(early)} earlier inputs to stand in for one, "
-                    f"fewer than drift.min_samples={config.min_samples}"
-                ),
-            )
-        reference = fit_reference(
-            [r.input_text for r in early],
-            predicted_labels=_labels(early) if with_labels else None,
-            confidences=[_confidence(r) for r in early],
-            embedding_dims=config.embedding_dims,
-        )
     current_frame = describe(
         [r.input_text for r in current],
         reference.profile,
@@ -247,7 +302,7 @@ def _measure_drift(
         confidences=[_confidence(r) for r in current],
     )
     measurement = measure_drift(reference.frame, current_frame, config, report_dir=report_dir)
-    return measurement, source, None
+    return measurement, None
 
 
 def _labels(rows: list[TrafficSample]) -> list[str]:
@@ -261,6 +316,11 @@ def _confidence(row: TrafficSample) -> float:
 
 
 # --------------------------------------------------------------------------- reports
+
+
+#: The name of a check's report folder (``_report_dir``): UTC time to the millisecond,
+#: so that names sort as the checks ran. Retention deletes only folders named so.
+REPORT_DIR_NAME = re.compile(r"\d{8}T\d{9}Z")
 
 
 def _report_dir(reports_dir: Path, task: str, checked_at: float) -> Path:

@@ -13,7 +13,6 @@ from distilld.ops.http import (
     OpsServer,
     Probe,
     ProbeResult,
-    admin_token_from,
 )
 from distilld.ops.metrics import (
     HistogramSnapshot,
@@ -34,6 +33,5 @@ __all__ = [
     "Probe",
     "ProbeResult",
     "TaskMetrics",
-    "admin_token_from",
     "render",
 ]

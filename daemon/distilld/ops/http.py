@@ -8,32 +8,48 @@ thread). Endpoints:
 ``GET  /readyz``                            200 when every readiness probe passes, else 503
                                             naming each failing probe and why
 ``GET  /metrics``                           Prometheus text format 0.0.4 (:mod:`.metrics`)
-``GET  /admin/status``                      JSON from :meth:`AdminActions.status`
+``GET  /admin/status``                      JSON from :meth:`AdminActions.status` (token
+                                            unless ``public_status``)
 ``POST /admin/retrain/{task}``              :meth:`AdminActions.retrain`
 ``POST /admin/promote/{task}/{version}``    :meth:`AdminActions.promote`
 ``POST /admin/rollback/{task}``             :meth:`AdminActions.rollback`
 =========================================== =================================================
 
-Every POST needs ``Authorization: Bearer <token>`` (compared in constant time).
-Without a configured token the admin POSTs are refused (403) with a message
-saying how to set one; a missing or wrong token gets 401 with
-``WWW-Authenticate: Bearer``. The token never appears in a log line, a
-response or a repr. Errors are JSON ``{"error": ...}``: the admin actions'
-:class:`NotFoundError` is 404, ``ConfigError`` / ``PolicyError`` 400,
-``RegistryError`` 409, any other failure 500 (logged with its traceback, never
-sent to the client). Every request is logged at debug level (component ``ops``).
+Every POST, and ``GET /admin/status`` unless :attr:`OpsConfig.public_status`,
+needs ``Authorization: Bearer <token>`` (compared in constant time). Without a
+configured token these are refused (403) with a message saying how to set one;
+a missing or wrong token gets 401 with ``WWW-Authenticate: Bearer``. The token
+never appears in a log line, a response or a repr. Health, readiness and metrics
+are open (container health checks and Prometheus scrape them).
+
+Slow or many clients cannot hold the server: at most ``max_connections``
+connections are served at once (one more is answered 503 and closed at once,
+never queued), and a client has ``request_timeout_s`` from the moment its
+connection is accepted to send its whole request (a client sending one byte at a
+time is cut off then, not after a timeout per read); writing the reply gets what
+is left of that time, at least one second.
+
+Errors are JSON ``{"error": ...}``: the admin actions' :class:`NotFoundError` is
+404, ``ConfigError`` / ``PolicyError`` 400, ``RegistryError`` 409, any other
+failure 500 (logged with its traceback, never sent to the client). Every request
+is logged at debug level (component ``ops``).
 
 Wiring (``app.py``)
 -------------------
 Settings (``DISTILLD_`` prefix, in ``settings.py``): ``http_enabled``, ``http_host``
-(default 127.0.0.1), ``http_port`` (default 8080; 0: any free port), ``admin_token``
-(``SecretStr``) and ``admin_token_file`` (e.g. a mounted container secret);
+(default 127.0.0.1), ``http_port`` (default 8080; 0: any free port),
+``http_public_status``, ``http_max_connections``, ``http_request_timeout_s``,
+``admin_token`` (``SecretStr``) and ``admin_token_file`` (e.g. a mounted container
+secret; :meth:`Settings.admin_secret` reads either and refuses a short token);
 then, in ``running_daemon`` once the loops are started (when ``http_enabled``)::
 
     config = OpsConfig(
         host=settings.http_host,
         port=settings.http_port,
-        admin_token=admin_token_from(settings.admin_token, settings.admin_token_file),
+        admin_token=settings.admin_secret(),
+        public_status=settings.http_public_status,
+        max_connections=settings.http_max_connections,
+        request_timeout_s=settings.http_request_timeout_s,
     )
     probes = {"broker": lambda: ProbeResult(all(l.assigned.is_set() for l in loops),
                                             "consumer groups not joined yet")}
@@ -59,6 +75,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hmac
+import io
 import json
 import re
 import socket
@@ -69,9 +86,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
@@ -83,6 +99,9 @@ from distilld.ops.metrics import MetricsSnapshot, render
 from distilld.policy.model import NAME_PATTERN
 from distilld.registry import VERSION_PATTERN
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
 __all__ = [
     "AdminActions",
     "NotFoundError",
@@ -90,12 +109,16 @@ __all__ = [
     "OpsServer",
     "Probe",
     "ProbeResult",
-    "admin_token_from",
 ]
 
 TOKEN_SETTINGS = "DISTILLD_ADMIN_TOKEN or DISTILLD_ADMIN_TOKEN_FILE"
+PUBLIC_STATUS_SETTING = "DISTILLD_HTTP_PUBLIC_STATUS"
 _REDACTED = "**********"
 _MAX_BODY_BYTES = 64 * 1024
+#: Writing a reply gets what is left of the request deadline, at least this long.
+_MIN_WRITE_S = 1.0
+#: Refused connections are logged at most this often (with their count).
+_REFUSALS_LOG_EVERY_S = 10.0
 
 
 class NotFoundError(DistilldError):
@@ -132,16 +155,21 @@ class AdminActions(Protocol):
 
 @dataclass(frozen=True)
 class OpsConfig:
-    """Where the ops server listens and the admin token (None: admin POSTs refused).
+    """Where the ops server listens, the admin token (None: the admin API is refused)
+    and the limits on clients (see the module docstring).
 
     ``port`` 0 picks a free port (see :attr:`OpsServer.port`). A plain ``str``
-    token is wrapped in a ``SecretStr``.
+    token is wrapped in a ``SecretStr``. ``public_status``: ``GET /admin/status``
+    without the token.
     """
 
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: SecretStr | str | None = field(default=None, repr=False)
     probe_timeout_s: float = 2.0
+    public_status: bool = False
+    max_connections: int = 32
+    request_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -150,6 +178,16 @@ class OpsConfig:
             )
         if self.probe_timeout_s <= 0:
             raise ConfigError(f"probe_timeout_s must be positive (received {self.probe_timeout_s})")
+        if self.max_connections < 1:
+            raise ConfigError(
+                "DISTILLD_HTTP_MAX_CONNECTIONS: expected at least 1 "
+                f"(received {self.max_connections})"
+            )
+        if self.request_timeout_s <= 0:
+            raise ConfigError(
+                "DISTILLD_HTTP_REQUEST_TIMEOUT_S: expected a positive number of seconds "
+                f"(received {self.request_timeout_s})"
+            )
         token = self.admin_token
         if isinstance(token, str):
             token = SecretStr(token)
@@ -165,27 +203,6 @@ class OpsConfig:
         """The admin token (always a SecretStr after construction)."""
         token = self.admin_token
         return SecretStr(token) if isinstance(token, str) else token
-
-
-def admin_token_from(token: SecretStr | None, token_file: Path | None) -> SecretStr | None:
-    """The admin token from ``DISTILLD_ADMIN_TOKEN`` or ``DISTILLD_ADMIN_TOKEN_FILE``
-    (the file's content, surrounding whitespace removed); None when neither is set."""
-    if token is not None and token_file is not None:
-        raise ConfigError(
-            "both DISTILLD_ADMIN_TOKEN and DISTILLD_ADMIN_TOKEN_FILE are set: set only one"
-        )
-    if token_file is None:
-        return token
-    try:
-        value = token_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"DISTILLD_ADMIN_TOKEN_FILE={token_file}: cannot read the admin token "
-            f"({type(exc).__name__}); check the path and its permissions"
-        ) from None
-    if not value:
-        raise ConfigError(f"DISTILLD_ADMIN_TOKEN_FILE={token_file} is empty: write the token in it")
-    return SecretStr(value)
 
 
 class _Reply(NamedTuple):
@@ -206,6 +223,8 @@ class _HttpError(Exception):
 
 
 _GET = ("GET", "HEAD")
+#: Routes that always need the admin token; ``status`` needs it unless public_status.
+_ADMIN_ACTIONS = frozenset({"retrain", "promote", "rollback"})
 _ROUTES: tuple[tuple[re.Pattern[str], tuple[str, ...], str], ...] = (
     (re.compile(r"/healthz"), _GET, "healthz"),
     (re.compile(r"/readyz"), _GET, "readyz"),
@@ -265,7 +284,12 @@ class OpsServer:
         handler = type("_BoundHandler", (_Handler,), {"ops": self})
         server_class = _IPv6Server if ":" in self.config.host else _Server
         try:
-            httpd = server_class((self.config.host, self.config.port), handler)
+            httpd = server_class(
+                (self.config.host, self.config.port),
+                handler,
+                self.config.max_connections,
+                self._log,
+            )
         except OSError as exc:
             raise ConfigError(
                 f"the ops HTTP server cannot listen on {self.config.host}:{self.config.port} "
@@ -285,6 +309,9 @@ class OpsServer:
             host=self.config.host,
             port=self.port,
             admin_api="enabled" if self._token is not None else f"disabled (set {TOKEN_SETTINGS})",
+            public_status=self.config.public_status,
+            max_connections=self.config.max_connections,
+            request_timeout_s=self.config.request_timeout_s,
             probes=sorted(self._probes),
         )
         return self
@@ -365,8 +392,8 @@ class OpsServer:
                     405, f"{method} is not allowed on {path}; use {allowed}", (("Allow", allowed),)
                 )
             params = {k: unquote(v) for k, v in match.groupdict().items()}
-            if "POST" in methods:
-                self._authorize(authorization)
+            if needs_token(name, public_status=self.config.public_status):
+                self._authorize(authorization, status=name == "status")
             return self._dispatch(name, params)
         raise _HttpError(404, f"no such endpoint: {path}")
 
@@ -404,12 +431,17 @@ class OpsServer:
         )
         return _json(200, result)
 
-    def _authorize(self, authorization: str | None) -> None:
+    def _authorize(self, authorization: str | None, *, status: bool = False) -> None:
         if self._token is None:
             raise _HttpError(
                 403,
                 f"the admin API is disabled: no admin token is configured; set {TOKEN_SETTINGS} "
-                "and send it as 'Authorization: Bearer <token>'",
+                "and send it as 'Authorization: Bearer <token>'"
+                + (
+                    f" (or set {PUBLIC_STATUS_SETTING}=true to read the status without a token)"
+                    if status
+                    else ""
+                ),
             )
         scheme, _, credentials = (authorization or "").strip().partition(" ")
         if not authorization or scheme.lower() != "bearer" or not credentials.strip():
@@ -480,6 +512,12 @@ class OpsServer:
         return text.replace(secret, _REDACTED) if secret else text
 
 
+def needs_token(route: str, *, public_status: bool) -> bool:
+    """Whether a route needs the admin token: the admin actions always, the admin
+    status unless it was made public; health, readiness and metrics never."""
+    return route in _ADMIN_ACTIONS or (route == "status" and not public_status)
+
+
 class _Scrubbed(Exception):
     """Carries an exception's traceback into the log with the token masked in messages.
 
@@ -491,6 +529,57 @@ class _Scrubbed(Exception):
         self.__traceback__ = original.__traceback__
 
 
+def _busy_reply(max_connections: int) -> bytes:
+    """The whole HTTP answer to a connection over the cap."""
+    body = _json(
+        503,
+        {
+            "error": f"the server is busy: it serves at most {max_connections} connections "
+            "at once (DISTILLD_HTTP_MAX_CONNECTIONS); retry later"
+        },
+    ).body
+    head = (
+        "HTTP/1.0 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\n"
+        "Retry-After: 1\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class _DeadlineSocket(io.RawIOBase):
+    """A connection's socket, read and written against one deadline (``time.monotonic``).
+
+    Each read waits at most until the deadline, so a client that sends one byte at a
+    time is cut off at the deadline (TimeoutError), not after a timeout per read.
+    A write waits what is left, at least ``_MIN_WRITE_S``."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request deadline passed")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        self._sock.settimeout(max(self._deadline - time.monotonic(), _MIN_WRITE_S))
+        self._sock.sendall(data)
+        return memoryview(data).nbytes
+
+
 def _json(
     status: int, payload: Mapping[str, Any], headers: tuple[tuple[str, str], ...] = ()
 ) -> _Reply:
@@ -499,8 +588,66 @@ def _json(
 
 
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` at once: one more is
+    answered 503 and closed by the accepting thread, never queued."""
+
     daemon_threads = True
     allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+        log: Any,
+    ) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._log = log
+        self._refused = 0
+        self._refused_logged_at = -_REFUSALS_LOG_EVERY_S
+        self._busy_reply = _busy_reply(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 and close, without waiting on the client (the socket is non-blocking)."""
+        try:
+            request.setblocking(False)
+            request.send(self._busy_reply)
+            request.shutdown(socket.SHUT_WR)
+            # Read what the client already sent: closing with unread data would reset
+            # the connection before the client reads the 503.
+            request.recv(_MAX_BODY_BYTES)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSALS_LOG_EVERY_S:
+            self._log.warning(
+                "ops.connections_full",
+                refused=self._refused,
+                max_connections=self._max_connections,
+                setting="DISTILLD_HTTP_MAX_CONNECTIONS",
+            )
+            self._refused, self._refused_logged_at = 0, now
 
 
 class _IPv6Server(_Server):
@@ -511,9 +658,17 @@ class _Handler(BaseHTTPRequestHandler):
     """Hands every request to :meth:`OpsServer.handle`; writes JSON errors itself."""
 
     ops: OpsServer  # set on the subclass made by OpsServer.start
-    timeout = 30  # seconds a client may take to send its request
     server_version = "distilld"
     sys_version = ""
+
+    def setup(self) -> None:
+        """The request deadline counts from now: the thread starts as the connection is
+        accepted (see :class:`_DeadlineSocket`)."""
+        self.connection = self.request
+        deadline = time.monotonic() + self.ops.config.request_timeout_s
+        connection = _DeadlineSocket(self.connection, deadline)
+        self.rfile = io.BufferedReader(connection)
+        self.wfile = io.BufferedWriter(connection)  # flushed by the base class
 
     def _serve(self) -> None:
         started = time.monotonic()

@@ -33,7 +33,13 @@ from distilld.policy.common import (
     check_no_parent_parts,
 )
 from distilld.retrain.config import RetrainingConfig
-from distilld.teacher.config import OpenAITeacherConfig, TeacherConfig, TransformersTeacherConfig
+from distilld.retrain.decide import size_warnings
+from distilld.teacher.config import (
+    ENV_NAME_PATTERN,
+    OpenAITeacherConfig,
+    TeacherConfig,
+    TransformersTeacherConfig,
+)
 
 __all__ = [
     "INPUT_PLACEHOLDER",
@@ -51,8 +57,15 @@ __all__ = [
     "VllmPolicy",
 ]
 
-# Kafka's own rule for topic names (legal characters, at most 249 of them).
-TOPIC_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$"
+# Kafka's own rule for topic names (legal characters, at most 249 of them, not "."
+# or ".."), without look-ahead: pydantic's default (Rust) regex engine has none,
+# and in that engine "$" is the end of the text. (Python's re, where "$" also
+# matches before a final newline, accepted "reviews\n" as a task name.)
+TOPIC_PATTERN = (
+    r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,248}"
+    r"|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,247}"
+    r"|\.\.[A-Za-z0-9._-]{1,247})$"
+)
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
@@ -64,9 +77,9 @@ TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN, description="A Kafka top
 
 
 class _Strict(BaseModel):
-    # python-re: pydantic's default (Rust) regex engine has no look-ahead, which
-    # TOPIC_PATTERN needs to refuse the topic names "." and "..".
-    model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
+    # pydantic's default (Rust) regex engine: "$" ends the text, so no pattern
+    # accepts a trailing newline (python-re did).
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TaskKind(StrEnum):
@@ -141,6 +154,28 @@ class VllmPolicy(_Strict):
     start_timeout_s: float = Field(
         default=600.0, gt=0, description="Managed server: how long to wait for readiness."
     )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME_PATTERN,
+        description="External server: name of the environment variable holding the key the "
+        "server was started with (vLLM --api-key / VLLM_API_KEY), sent as a Bearer token. "
+        "A managed server gets this key, or else a random key of its own.",
+    )
+    api_key_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="File holding that key, instead of api_key_env, in DISTILLD_SECRETS_DIR "
+        "(e.g. /run/secrets/vllm_student_api_key).",
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> VllmPolicy:
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise PolicyFieldError(
+                "api_key_file",
+                "set api_key_env or api_key_file, not both (the key comes from one place)",
+            )
+        return self
 
 
 class StudentPolicy(_Strict):
@@ -424,14 +459,16 @@ class Policy(_Strict):
             )
         sampled = self.sampling.segment_keys
         checked = self.monitors.accuracy.segments.keys
-        if sampled is not None and checked is not None:
-            recorded = {*sampled, LENGTH_SEGMENT_KEY}
+        if checked is not None:
+            # Only declared metadata keys become segments (unset: none, just the length).
+            recorded = {*(sampled or ()), LENGTH_SEGMENT_KEY}
             missing = [key for key in checked if key not in recorded]
             if missing:
                 raise PolicyFieldError(
                     "monitors.accuracy.segments.keys",
                     f"{missing} are not segment keys of the sampled requests (sampling."
-                    f"segment_keys is {sampled}, plus {LENGTH_SEGMENT_KEY!r}), so these "
+                    f"segment_keys is {'unset' if sampled is None else sampled}, plus "
+                    f"{LENGTH_SEGMENT_KEY!r}), so these "
                     "segments would never have comparisons; add them to "
                     "sampling.segment_keys or remove them here",
                 )
@@ -449,6 +486,15 @@ class Policy(_Strict):
                     "their own (e.g. distilld.alerts)",
                 )
         return self
+
+    def warnings(self) -> list[str]:
+        """What is valid but will not work as written (``distilld policy validate``
+        prints these and still exits 0)."""
+        retraining = self.retraining
+        if retraining is None or not retraining.enabled:
+            return []
+        n_labels = len(self.labels) if self.labels else None
+        return size_warnings(retraining, self.kind.value, n_labels)
 
     def render_prompt(self, text: str) -> str:
         """The prompt for one input (plain replacement: JSON braces stay as written)."""

@@ -120,7 +120,8 @@ class BreachTriggerConfig(StrictModel):
         default=6 * 3600.0,
         ge=0.0,
         description="Seconds after a retraining started during which a new breach does not "
-        "start another (at most one retraining per task runs at a time regardless).",
+        "start another (at most one retraining per task runs at a time regardless); after a "
+        "failed one, the next breach also waits this long from the failure, and for new inputs.",
     )
 
 
@@ -523,7 +524,9 @@ class ColdStartConfig(StrictModel):
     retry_s: float = Field(
         default=60.0,
         gt=0.0,
-        description="Seconds between attempts while there are too few inputs to train on.",
+        description="Seconds between attempts while there are too few inputs to train on, "
+        "and the least wait after a failed first-student attempt (which also waits for new "
+        "inputs).",
     )
 
 

@@ -101,6 +101,9 @@ RESERVED_KEYS = frozenset({"difficulty", "edge_case"})
 DIFFICULTY_LEVELS = ("hard", "medium", "easy")
 # Float tolerance of the threshold comparisons (0.98 computed two ways must pass).
 EPSILON = 1e-9
+#: Folder (under the retraining work dir, per task) keeping the gate reports of failed
+#: retrainings, named gate-TIME.json / .html; retention keeps the newest of them.
+FAILED_GATES_DIR = "failed-gates"
 
 
 class GateError(DistilldError):

@@ -5,10 +5,14 @@ line with it, so that a crash at any point, or a ``distilld promote`` /
 ``rollback`` / ``retrain`` from another process, is picked up by the next tick:
 
 * triggers: a monitor breach (:meth:`RetrainManager.after_check`, with the
-  policy's cooldown), the cron schedule, a request file left by ``distilld
-  retrain TASK``, and a cold start (no student yet). One retraining per task at
-  a time, in this process (a set) and across processes sharing the registry
-  (a lock file);
+  policy's cooldown; only a breach measured on the live version after it went
+  live), the cron schedule, a request file left by ``distilld retrain TASK``,
+  and a cold start (no student yet). One retraining per task at a time, in
+  this process (a set) and across processes sharing the registry (a lock file);
+* after a failed attempt the next automatic one (cold start, breach) waits for
+  the cooldown and for inputs it has not seen, and starts at the grown size
+  (:func:`~distilld.retrain.decide.plan_retry`); the plan is in the failure's
+  alert, so a restart keeps it;
 * a registered candidate goes to shadow (state ``shadow`` in the registry): the
   shadow worker lets it answer a share of the teacher-compared requests; each
   tick judges the pairs (:func:`~distilld.retrain.decide.shadow_verdict`) and
@@ -29,6 +33,7 @@ reason.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -53,17 +58,22 @@ from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
 from distilld.retrain.decide import (
+    RetryPlan,
     StartDecision,
     Trigger,
+    breach_is_current,
+    inputs_needed,
     may_start,
+    plan_retry,
+    retry_ready,
     rollback_verdict,
     shadow_verdict,
 )
+from distilld.retrain.gates import FAILED_GATES_DIR
 from distilld.retrain.run import (
     JobInputs,
     JobResult,
     RetrainCancelled,
-    minimum_inputs,
     read_seed_inputs,
     run_retraining,
 )
@@ -76,6 +86,11 @@ from distilld.teacher.base import Teacher
 __all__ = ["ModelSlot", "RetrainManager", "RetrainTask", "request_retraining"]
 
 STARTED = "retrain.started"
+GATE_FAILED = "retrain.gate_failed"
+FAILED = "retrain.failed"
+# Triggers that wait for a failed attempt's retry plan; a request by hand and the
+# schedule do not (but start at its size).
+WAITING_TRIGGERS: frozenset[Trigger] = frozenset({"breach", "cold_start"})
 COMPARISONS_READ = 50_000  # comparisons read to judge a shadow run or a promoted version
 
 
@@ -119,6 +134,7 @@ class _State:
     next_cold_start_at: float = 0.0
     candidate: StudentBackend | None = None
     unservable: set[str] = field(default_factory=set)
+    retry: RetryPlan | None = None  # after a failed attempt: what the next one waits for
 
 
 def request_retraining(requests_dir: Path, task: str) -> Path:
@@ -144,6 +160,7 @@ class RetrainManager:
         work_dir: Path,
         tick_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        reservoir_size: int | None = None,
     ) -> None:
         self._tasks = {t.name: t for t in tasks}
         self._store = store
@@ -152,8 +169,12 @@ class RetrainManager:
         self._work_dir = work_dir
         self._tick_s = tick_s
         self._clock = clock
+        self._reservoir_size = reservoir_size  # the store's bound per task (None: none)
         self._lock = threading.Lock()
-        self._states = {t.name: _State(last_started_at=self._last_start(t.name)) for t in tasks}
+        self._states = {
+            t.name: _State(last_started_at=self._last_start(t.name), retry=self._last_retry(t.name))
+            for t in tasks
+        }
         self._outcomes: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()  # also cancels a job in progress at its next step
         # One switch at a time per task: the job thread and the tick may both
@@ -239,6 +260,11 @@ class RetrainManager:
         now = self._clock()
         # Whether a shadow run holds this trigger is decided in may_start.
         in_shadow = next((m.version for m in spec.registry.list() if m.state == "shadow"), None)
+        plan = self._states[task].retry
+        waiting = None
+        if plan is not None and trigger in WAITING_TRIGGERS:
+            available, new, most = self._inputs_since(spec, plan)
+            waiting = retry_ready(plan, now=now, available=available, new=new, most=most)
         with self._lock:
             state = self._states[task]
             alive = state.running is not None and state.running.is_alive()
@@ -250,22 +276,51 @@ class RetrainManager:
                 now=now,
                 in_shadow=in_shadow,
             )
+            if decision.start and waiting is not None and not waiting.start:
+                self._log.info("retrain.waiting", task=task, trigger=trigger, why=waiting.why)
+                return waiting
             if not decision.start:
                 self._log.info("retrain.skipped", task=task, trigger=trigger, why=decision.why)
                 return decision
             state.last_started_at = now
             thread = threading.Thread(
-                target=self._job, args=(spec, trigger), name=f"retrain-{task}", daemon=True
+                target=self._job,
+                args=(spec, trigger, plan.size if plan is not None else None),
+                name=f"retrain-{task}",
+                daemon=True,
             )
             state.running = thread
         thread.start()
         return decision
 
-    def after_check(self, task: str, verdicts: Sequence[object]) -> None:
-        """The monitor's hook: a breach verdict triggers a retraining (cooldown permitting)."""
+    def after_check(
+        self,
+        task: str,
+        verdicts: Sequence[object],
+        measured_on: str | None,
+        checked_at: float,
+    ) -> None:
+        """The monitor's hook: a breach verdict triggers a retraining (cooldown permitting).
+
+        ``measured_on``: the version the check measured (None: not known);
+        ``checked_at``: when. A breach measured on a version that is no longer live,
+        or before the live one went live, was answered already: it starts nothing.
+        """
         breached = [v for v in verdicts if getattr(v, "status", None) is Status.breach]
-        if breached and task in self._tasks:
-            self.request(task, "breach")
+        spec = self._tasks.get(task)
+        if not breached or spec is None:
+            return
+        pointer = spec.registry.pointer()
+        current = breach_is_current(
+            measured_on=measured_on,
+            checked_at=checked_at,
+            live_version=spec.slot.model_version,
+            live_since=pointer.updated_at if pointer is not None else None,
+        )
+        if not current.start:
+            self._log.info("retrain.skipped", task=task, trigger="breach", why=current.why)
+            return
+        self.request(task, "breach")
 
     # ------------------------------------------------------------------ the tick
 
@@ -313,7 +368,10 @@ class RetrainManager:
         if self._clock() < state.next_cold_start_at:
             return
         state.next_cold_start_at = self._clock() + task.config.cold_start.retry_s
-        needed = minimum_inputs(task.config)
+        if state.retry is not None:  # after a failed attempt: request() says what it waits for
+            self.request(task.name, "cold_start")
+            return
+        needed = inputs_needed(task.config)
         available = len(self._store.reservoir(task.name, limit=needed))
         available += sum(len(read_seed_inputs(p)) for p in task.seed_files)
         if available < needed:
@@ -329,7 +387,71 @@ class RetrainManager:
 
     # ------------------------------------------------------------------ the job
 
-    def _job(self, task: RetrainTask, trigger: Trigger) -> None:
+    def _inputs_since(self, task: RetrainTask, plan: RetryPlan) -> tuple[int, int, int | None]:
+        """Inputs there now (reservoir and seed files, up to what the plan needs), how
+        many of them are new since the plan's failure (traffic stored since, and the
+        inputs of seed files changed since), and the most there can be (None: no bound)."""
+        recent = self._store.reservoir(task.name, limit=max(plan.size, plan.new_inputs, 1))
+        try:
+            seeds = sum(len(read_seed_inputs(p)) for p in task.seed_files)
+        except DistilldError:
+            seeds = 0  # the job's own read says what is wrong with the file
+        new = sum(1 for s in recent if s.created_at > plan.failed_at)
+        if seed_signature(task.seed_files) != plan.seeds:
+            new += seeds
+        most = None if self._reservoir_size is None else self._reservoir_size + seeds
+        return len(recent) + seeds, new, most
+
+    def _serving_note(self, task: RetrainTask) -> str:
+        """What answers requests meanwhile, as the failure alerts say it."""
+        served = task.slot.model_version
+        if served == COLD_START_VERSION:
+            return "no student is live: the teacher keeps answering requests (cold start)"
+        if served == NO_STUDENT_VERSION:
+            return "no student is live: requests keep waiting in Kafka (cold start, serve: hold)"
+        return f"the live student keeps serving ({served})"
+
+    def _plan_retry(
+        self, task: RetrainTask, why: str, result: JobResult | None = None
+    ) -> RetryPlan:
+        """The wait after a failed attempt; kept in the task's state (and, by the caller,
+        in the failure's alert)."""
+        n_labels = len(task.policy.labels) if task.policy.labels else None
+        attempt = result.attempts[-1] if result is not None and result.attempts else None
+        state = self._states[task.name]
+        cold = task.slot.model_version in (COLD_START_VERSION, NO_STUDENT_VERSION)
+        seeds = seed_signature(task.seed_files)
+        if attempt is None:
+            plan = plan_retry(
+                task.config,
+                task.policy.kind.value,
+                n_labels,
+                failed_at=self._clock(),
+                cold_start=cold,
+                why=why,
+                seeds=seeds,
+                errors=(state.retry.errors if state.retry is not None else 0) + 1,
+            )
+            if state.retry is not None:  # an earlier failure's grown size still holds
+                plan = dataclasses.replace(plan, size=max(plan.size, state.retry.size))
+        else:
+            plan = plan_retry(
+                task.config,
+                task.policy.kind.value,
+                n_labels,
+                failed_at=self._clock(),
+                cold_start=cold,
+                size=int(attempt["size"]),
+                selected=int(attempt["selection"]["selected"]),
+                answers=int(attempt["filtering"]["total"]),
+                kept=int(attempt["filtering"]["kept"]),
+                why=why,
+                seeds=seeds,
+            )
+        state.retry = plan
+        return plan
+
+    def _job(self, task: RetrainTask, trigger: Trigger, start_size: int | None = None) -> None:
         work = self._work_dir / task.name / f"job-{uuid.uuid4().hex[:8]}"
         try:
             with _single_flight(task.registry.root) as acquired:
@@ -363,20 +485,24 @@ class RetrainManager:
                     live_model_dir=task.registry.path(live) if live else None,
                     reason=trigger,
                     cancel=self._stop,
+                    start_size=start_size,
                 )
                 result = run_retraining(job, work_dir=work)
                 self._after_job(task, result)
         except RetrainCancelled as exc:
             self._log.info("retrain.cancelled", task=task.name, trigger=trigger, why=str(exc))
         except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            plan = self._plan_retry(task, error)
             self._decision(
                 task,
-                "retrain.failed",
+                FAILED,
                 severity="error",
                 trigger=trigger,
-                error=f"{type(exc).__name__}: {exc}",
-                action="nothing was registered; the live student keeps serving; the next "
-                "trigger tries again",
+                error=error,
+                next_attempt=plan.to_dict(),
+                action=f"nothing was registered; {self._serving_note(task)}; "
+                f"{plan.text()} (cold start or breach; a request by hand starts now)",
             )
             if not isinstance(exc, DistilldError):
                 self._log.exception("retrain.unexpected_error", task=task.name)
@@ -385,18 +511,22 @@ class RetrainManager:
 
     def _after_job(self, task: RetrainTask, result: JobResult) -> None:
         if result.status == "gate_failed" or result.version is None:
+            plan = self._plan_retry(task, result.gate.summary, result)
             self._decision(
                 task,
-                "retrain.gate_failed",
+                GATE_FAILED,
                 severity="warning",
                 gate=result.gate.summary,
                 attempts=len(result.attempts),
                 examples=result.attempts[-1]["size"] if result.attempts else 0,
                 report=str(self._keep_report(task, result)),
                 seconds=result.duration_s,
-                action="the candidate is discarded; the live student keeps serving",
+                next_attempt=plan.to_dict(),
+                action=f"the candidate is discarded; {self._serving_note(task)}; "
+                f"{plan.text()} (cold start or breach; a request by hand starts now)",
             )
             return
+        self._states[task.name].retry = None
         version = result.version
         first = task.registry.live_version() is None
         shadow = task.config.shadow
@@ -426,7 +556,7 @@ class RetrainManager:
     def _keep_report(self, task: RetrainTask, result: JobResult) -> Path | None:
         if result.gate_report_path is None or not result.gate_report_path.exists():
             return None
-        reports = self._work_dir / task.name / "failed-gates"
+        reports = self._work_dir / task.name / FAILED_GATES_DIR
         reports.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock()))
         kept = reports / f"gate-{stamp}.json"
@@ -551,6 +681,7 @@ class RetrainManager:
                 ),
             )
             return False
+        state.retry = None  # a new live version: earlier failures no longer hold it back
         self._log.info("retrain.serving", task=task.name, version=live, previous=previous)
         return True
 
@@ -605,6 +736,23 @@ class RetrainManager:
             counts[outcome] = counts.get(outcome, 0) + 1
         task.sink.decision(task.name, name, **fields)
 
+    def _last_retry(self, task: str) -> RetryPlan | None:
+        # A failed attempt's wait survives a restart: its plan is in the failure's alert,
+        # unless a candidate or a promotion came after it.
+        with contextlib.suppress(Exception):
+            pointer = self._tasks[task].registry.pointer()
+            for event in reversed(self._store.last_alerts(task, limit=200)):  # newest first
+                if event.kind in (GATE_FAILED, FAILED):
+                    raw = event.payload.get("next_attempt")
+                    plan = RetryPlan.from_dict(raw) if isinstance(raw, dict) else None
+                    live_since = pointer.updated_at if pointer is not None else 0.0
+                    if plan is not None and live_since > plan.failed_at:
+                        return None  # a version went live since (by hand): it no longer holds
+                    return plan
+                if event.kind in ("retrain.candidate_ready", "retrain.promoted"):
+                    return None
+        return None
+
     def _last_start(self, task: str) -> float | None:
         # The cooldown survives a restart: the last start is in the alert records.
         with contextlib.suppress(Exception):
@@ -612,6 +760,19 @@ class RetrainManager:
                 if event.kind == STARTED:
                     return event.created_at
         return None
+
+
+def seed_signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime in ns) of each seed file: a change makes its inputs new."""
+    signature = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            signature.append((str(path), -1, -1))
+        else:
+            signature.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)
 
 
 def shadow_pairs(

@@ -9,9 +9,14 @@
       -> gate (candidate vs teacher and live student on the held-out test set)
       -> register (model, drift reference, gate report, manifest) as a candidate
 
-When the gate fails for lack of data (the candidate trails the teacher), the
-job selects more inputs (``retraining.size.growth_factor``, up to the maximum)
-and tries again; answers already given by the teacher are reused. What
+The first attempt selects ``size.min_examples`` inputs, or more when that
+cannot hold out the gate's ``min_test_examples``
+(:func:`~distilld.retrain.decide.first_size`), or the size the manager asks
+for after a failed job (``JobInputs.start_size``). When the gate fails for
+lack of data (the candidate trails the teacher), the job selects more inputs
+(``retraining.size.growth_factor``, and at least what the gate needs at the
+drop rate the quality filter showed, up to the maximum) and tries again;
+answers already given by the teacher are reused. What
 happens next (shadow, promotion, watch, rollback) is the manager's business
 (``retrain/manager.py``): this module never touches the live version.
 
@@ -37,6 +42,7 @@ from distilld.monitoring.features import REFERENCE_FILE, fit_reference, save_ref
 from distilld.policy.model import Policy, TaskKind
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
+from distilld.retrain.decide import first_size, inputs_needed
 from distilld.retrain.filter import (
     LabelledExample,
     OutputValidator,
@@ -71,7 +77,6 @@ __all__ = [
     "JobResult",
     "RetrainCancelled",
     "RetrainError",
-    "minimum_inputs",
     "read_seed_inputs",
     "run_retraining",
 ]
@@ -109,6 +114,7 @@ class JobInputs:
     reason: str = "manual"
     seed: int = 0
     cancel: threading.Event | None = None  # set: stop at the next step (daemon stopping)
+    start_size: int | None = None  # None: decide.first_size; the manager's after a failure
 
 
 @dataclass
@@ -200,7 +206,7 @@ def run_retraining(
     n_labels = len(policy.labels) if policy.labels else None
     low, high = config.size.bounds(kind, n_labels)
     candidates = gather_candidates(job)
-    minimum = minimum_inputs(config)
+    minimum = inputs_needed(config)
     if len(candidates) < minimum:
         raise RetrainError(
             f"task {policy.task!r}: {len(candidates)} candidate inputs (comparisons, reservoir, "
@@ -214,7 +220,7 @@ def run_retraining(
     )
     answers: dict[str, TeacherAnswer] = {}
     attempts: list[dict[str, Any]] = []
-    size = low
+    size = min(max(job.start_size or first_size(config, kind, n_labels), low), high)
     work_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         note(f"attempt {attempt}: selecting {size} inputs")
@@ -329,14 +335,10 @@ def run_retraining(
                 duration_s=round(time.monotonic() - started, 1),
             )
         shutil.rmtree(out_dir, ignore_errors=True)
-        size = min(grown, high)
+        # At least what the gate needs once the filter drops the share it just dropped.
+        dropped = 1.0 - filtered.report.kept / filtered.report.total
+        size = min(max(grown, inputs_needed(config, dropped)), high)
     raise RetrainError(f"task {policy.task!r}: no decision after {MAX_ATTEMPTS} attempts")
-
-
-def minimum_inputs(config: RetrainingConfig) -> int:
-    """Candidate inputs a job needs at least."""
-    # Enough inputs that the held-out share can reach the gate's minimum test size.
-    return int(config.gate.min_test_examples / config.split.test) + 1
 
 
 def _label_missing(

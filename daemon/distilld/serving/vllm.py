@@ -21,6 +21,13 @@ Connection errors, timeouts, 5xx answers and malformed bodies raise
 :class:`BackendUnavailable`: the serving loop holds the batch and retries it,
 so nothing is lost while vLLM is down. A 4xx answer is about the input and
 raises :class:`BackendError` (the loop isolates and dead-letters that input).
+
+With an API key (``student.vllm.api_key_env`` / ``api_key_file`` for an
+external server, a key of its own for a managed one), every request carries
+it as a bearer token: vLLM started with ``--api-key`` / ``VLLM_API_KEY``
+then refuses ``/v1`` requests, runtime LoRA loads included, from anyone
+else. The key lives only in the HTTP client's headers and is masked in every
+error message.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, TypeVar
 import httpx
 import jsonschema
 
+from distilld.credentials import Redactor, excerpt
 from distilld.errors import BackendError, BackendUnavailable
 from distilld.serving.base import Prediction, validated_json
 
@@ -66,7 +74,9 @@ class VllmTarget:
 class VllmStudent:
     """A student served by a vLLM server (external or managed)."""
 
-    def __init__(self, target: VllmTarget, model_version: str) -> None:
+    def __init__(
+        self, target: VllmTarget, model_version: str, *, api_key: str | None = None
+    ) -> None:
         self._current: tuple[VllmTarget, str] = (target, model_version)
         # Set while the server is being replaced (a full-weight version switch):
         # predict then raises BackendUnavailable, so the serving loop holds the
@@ -82,7 +92,9 @@ class VllmStudent:
             target=self._loop.run_forever, name="vllm-client", daemon=True
         )
         self._thread.start()
-        self._client: httpx.AsyncClient = self._run(self._make_client())
+        self._redact = Redactor(api_key)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client: httpx.AsyncClient = self._run(self._make_client(headers))
         self._semaphore: asyncio.Semaphore = self._run(self._make_semaphore())
 
     # -- StudentBackend ---------------------------------------------------------
@@ -166,13 +178,14 @@ class VllmStudent:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         return future.result()
 
-    async def _make_client(self) -> httpx.AsyncClient:
+    async def _make_client(self, headers: dict[str, str]) -> httpx.AsyncClient:
         limits = httpx.Limits(
             max_connections=self._target.concurrency,
             max_keepalive_connections=self._target.concurrency,
         )
         return httpx.AsyncClient(
             base_url=self._target.base_url,
+            headers=headers,
             limits=limits,
             timeout=httpx.Timeout(self._target.timeout_s),
         )
@@ -193,18 +206,20 @@ class VllmStudent:
                 response = await self._client.post(path, json=body)
             except httpx.TransportError as exc:  # connect, read, timeouts
                 raise BackendUnavailable(
-                    f"vLLM at {self._target.base_url} did not answer {path}: "
-                    f"{type(exc).__name__}: {exc}"
+                    self._redact(
+                        f"vLLM at {self._target.base_url} did not answer {path}: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
                 ) from exc
         if response.status_code >= 500:
             raise BackendUnavailable(
                 f"vLLM at {self._target.base_url} answered {path} with HTTP "
-                f"{response.status_code}: {response.text[:200]}"
+                f"{response.status_code}: {self._redact.excerpt(response.text)}"
             )
         if response.status_code >= 400:
             raise BackendError(
                 f"vLLM refused the request to {path} (HTTP {response.status_code}): "
-                f"{response.text[:300]}"
+                f"{self._redact.excerpt(response.text, 300)}"
             )
         if not expect_json:
             return {}
@@ -212,7 +227,8 @@ class VllmStudent:
             doc = response.json()
         except ValueError as exc:
             raise BackendUnavailable(
-                f"vLLM answered {path} with a body that is not JSON: {response.text[:200]!r}"
+                f"vLLM answered {path} with a body that is not JSON: "
+                f"{self._redact.excerpt(response.text)!r}"
             ) from exc
         if not isinstance(doc, dict):
             raise BackendUnavailable(
@@ -242,7 +258,7 @@ class VllmStudent:
             tokens = (choice.get("logprobs") or {}).get("content") or []
         except (KeyError, IndexError, TypeError) as exc:
             raise BackendUnavailable(
-                f"vLLM chat completion without choices[0].message: {str(doc)[:200]}"
+                f"vLLM chat completion without choices[0].message: {self._redact.excerpt(str(doc))}"
             ) from exc
         if target.kind == "choice":
             return choice_prediction(content, tokens, target.labels)
@@ -261,14 +277,18 @@ class VllmStudent:
         )
         tokens = doc.get("tokens")
         if not isinstance(tokens, list):
-            raise BackendUnavailable(f"vLLM /tokenize answer without tokens: {str(doc)[:200]}")
+            raise BackendUnavailable(
+                f"vLLM /tokenize answer without tokens: {self._redact.excerpt(str(doc))}"
+            )
         if len(tokens) <= budget:
             return text
         kept = tokens[:budget] if target.truncation_side == "right" else tokens[-budget:]
         doc = await self._post("/detokenize", {"model": target.model, "tokens": kept})
         prompt = doc.get("prompt")
         if not isinstance(prompt, str):
-            raise BackendUnavailable(f"vLLM /detokenize answer without prompt: {str(doc)[:200]}")
+            raise BackendUnavailable(
+                f"vLLM /detokenize answer without prompt: {self._redact.excerpt(str(doc))}"
+            )
         return prompt
 
     def _json_prediction(self, content: str, tokens: list[dict[str, Any]]) -> Prediction:
@@ -361,7 +381,7 @@ def _classify_prediction(doc: dict[str, Any], labels: tuple[str, ...]) -> Predic
         label = str(item["label"])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise BackendUnavailable(
-            f"vLLM /classify answer without data[0]: {str(doc)[:200]}"
+            f"vLLM /classify answer without data[0]: {excerpt(str(doc))}"
         ) from exc
     if label not in labels:
         raise BackendError(

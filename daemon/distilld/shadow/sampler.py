@@ -11,29 +11,33 @@ student:
 * an edge case (an input in the shortest or the longest length bucket, or
   with many out-of-vocabulary words) by ``edge_case_boost``.
 
-A request's segments are its length bucket (key ``length``) and its metadata
-values (scalars only, cut to 64 characters). A metadata key named ``length``
-is shadowed by the length bucket. Metadata keys with one value per request
-(ids, timestamps) would make every request its own rare segment and so
-always sampled: pass ``keys`` to use only the keys meant as segments.
+A request's segments are its length bucket (key ``length``) and the values
+of the metadata keys the policy declares (``sampling.segment_keys``; scalars
+only, cut to 64 characters); undeclared metadata is never a segment. A
+producer could otherwise make every request its own rare segment (a unique
+value per request), sampled at rate 1, and spend the teacher's budget on
+traffic of its choosing. For the same reason a declared key keeps at most
+``max_values_per_key`` distinct values (:class:`SegmentValues`); a new value
+beyond them is pooled as ``other``.
 
 Nothing here calls the teacher or reads a clock: the caller keeps the
-per-segment counts and passes its random source, so the decision is
-reproducible in tests and cheap enough for the serving path, although the
-daemon makes it off that path.
+per-segment counts and the tracked values and passes its random source, so
+the decision is reproducible in tests and cheap enough for the serving path,
+although the daemon makes it off that path.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distilld.monitoring.config import SamplingConfig
+from distilld.monitoring.config import LENGTH_SEGMENT_KEY, OTHER_SEGMENT_VALUE, SamplingConfig
 
-LENGTH_KEY = "length"
+LENGTH_KEY = LENGTH_SEGMENT_KEY
 MAX_SEGMENT_VALUE_CHARS = 64
 
 
@@ -68,11 +72,12 @@ def segment_of(
     config: SamplingConfig,
     keys: Collection[str] | None = None,
 ) -> dict[str, str]:
-    """The segment keys and values of a request: its metadata (the ``keys`` only,
-    when given) and its length bucket."""
+    """The segment keys and values of a request: the values of its metadata ``keys``
+    (None: no metadata key; pass the policy's ``sampling.segment_keys``) and its
+    length bucket."""
     segment: dict[str, str] = {}
     for key, value in metadata.items():
-        if keys is not None and key not in keys:
+        if keys is None or key not in keys:
             continue
         # Lists, objects and nulls are no category; bool before int (bool is an int).
         if isinstance(value, bool):
@@ -81,6 +86,56 @@ def segment_of(
             segment[key] = str(value)[:MAX_SEGMENT_VALUE_CHARS]
     segment[LENGTH_KEY] = length_bucket(len(text), config.length_buckets)
     return segment
+
+
+class SegmentValues:
+    """The metadata values tracked as segments of one task: at most ``max_values``
+    per key, the others pooled as ``other``.
+
+    A new value takes a free place; when every place is taken, it takes the place
+    of the least recently seen value if that one was not seen in the last
+    ``idle_after`` requests, else it counts as ``other``. Made-up values can so
+    take at most ``max_values`` places per ``idle_after`` requests, and never the
+    place of a value that keeps coming. The length bucket (bounded by the policy)
+    passes unchanged. Not thread-safe: the caller serialises calls.
+    """
+
+    def __init__(self, max_values: int, idle_after: int) -> None:
+        if max_values < 1 or idle_after < 1:
+            raise ValueError(
+                f"max_values and idle_after must be at least 1 (received {max_values}, "
+                f"{idle_after})"
+            )
+        self.max_values = max_values
+        self.idle_after = idle_after
+        self._seen = 0  # requests admitted so far
+        # key -> value -> the request number it was last seen at, least recent first
+        self._last: dict[str, OrderedDict[str, int]] = {}
+
+    def admit(self, segment: Mapping[str, str]) -> dict[str, str]:
+        """The segment of one more request, with untracked values pooled."""
+        self._seen += 1
+        admitted: dict[str, str] = {}
+        for key, value in segment.items():
+            # The length bucket is bounded by the policy; "other" is the pool itself.
+            pooled = key == LENGTH_KEY or value == OTHER_SEGMENT_VALUE
+            admitted[key] = value if pooled else self._place(key, value)
+        return admitted
+
+    def tracked(self, key: str) -> list[str]:
+        """The values of ``key`` tracked now, least recently seen first."""
+        return list(self._last.get(key, ()))
+
+    def _place(self, key: str, value: str) -> str:
+        values = self._last.setdefault(key, OrderedDict())
+        if value not in values and len(values) >= self.max_values:
+            oldest, last_seen = next(iter(values.items()))
+            if self._seen - last_seen <= self.idle_after:
+                return OTHER_SEGMENT_VALUE
+            del values[oldest]
+        values[value] = self._seen
+        values.move_to_end(value)
+        return value
 
 
 def decide(
@@ -93,6 +148,7 @@ def decide(
     *,
     oov_share: float | None = None,
     keys: Collection[str] | None = None,
+    segment: Mapping[str, str] | None = None,
 ) -> SamplingDecision:
     """Decide whether to compare one request with the teacher.
 
@@ -100,8 +156,11 @@ def decide(
     already has in the current window (a missing entry is 0), for this task.
     ``confidence`` is the student's (None: unknown, never low); ``oov_share``
     the input's out-of-vocabulary share, when the caller computed it.
+    ``segment`` is the request's segment when the caller computed it (with its
+    values pooled by :class:`SegmentValues`); else it is ``segment_of`` the
+    metadata ``keys`` (None: none) and the length.
     """
-    segment = segment_of(text, metadata, config, keys)
+    segment = dict(segment) if segment is not None else segment_of(text, metadata, config, keys)
     reasons: list[str] = []
 
     rare = [

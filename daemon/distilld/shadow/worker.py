@@ -36,7 +36,11 @@ A batch where at least half the answers are unusable raises one
 Per-segment comparison counts (for the sampler's minimum per segment) are
 kept in memory over the last ``window`` comparisons of each task, seeded from
 the store on start so a restart does not over-sample segments that already
-have their share.
+have their share. Segments are the length bucket and the declared
+``segment_keys`` only, each key with at most ``max_values_per_key`` values
+(:class:`~distilld.shadow.sampler.SegmentValues`; a value unseen for
+``IDLE_WINDOWS`` accuracy windows of requests gives its place up), so made-up
+metadata values cannot make every request a rare segment.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from distilld.monitoring.features import words
 from distilld.policy.model import Policy
 from distilld.serving.base import StudentBackend
 from distilld.shadow.compare import CompareError, OutputSchema, TaskKindName, compare
-from distilld.shadow.sampler import decide
+from distilld.shadow.sampler import LENGTH_KEY, SegmentValues, decide, segment_of
 from distilld.store.base import AlertEvent, Output, SampleStore, StoredComparison, TrafficSample
 from distilld.teacher.base import Teacher, TeacherAnswer, TeacherError, TeacherUnavailable
 
@@ -68,6 +72,9 @@ TASK_KINDS = ("classification", "extraction", "generation")
 # A batch with at least this share of unusable answers means the teacher, not one
 # odd input, is at fault: worth an alert.
 BAD_ANSWER_SHARE = 0.5
+# A tracked segment value unseen for this many accuracy windows of requests gives its
+# place up to a new value (see SegmentValues).
+IDLE_WINDOWS = 10
 # How long the intake thread waits for an offer when no batch is due sooner: bounds
 # how late a batch closes by age and how fast stop() is noticed.
 _POLL_S = 0.05
@@ -282,6 +289,11 @@ class ShadowWorker:
         # Shared by the intake and labeller threads, guarded by _lock.
         self._lock = threading.Lock()
         self._counts = {t.task: _SegmentCounts(t.window) for t in tasks if t.teacher is not None}
+        self._values = {
+            t.task: SegmentValues(t.sampling.max_values_per_key, IDLE_WINDOWS * t.window)
+            for t in tasks
+            if t.teacher is not None
+        }
         self._retry_at: dict[str, float] = {}
         self._outages: dict[str, _Outage] = {}
         self._bad_answers: set[str] = set()
@@ -371,9 +383,13 @@ class ShadowWorker:
             raise RuntimeError("the shadow worker was started already; build a new one")
         for task, counts in self._counts.items():
             window = self._tasks[task].window
+            keys = {*(self._tasks[task].sampling.segment_keys or ()), LENGTH_KEY}
             try:
                 for stored in self._store.last_comparisons(task, window):
-                    counts.add(stored.segment)
+                    # Only the declared keys, pooled as new comparisons are (rows may
+                    # predate a change of segment_keys).
+                    declared = {k: v for k, v in stored.segment.items() if k in keys}
+                    counts.add(self._values[task].admit(declared))
             except Exception as exc:
                 # Counts only steer sampling: start with none rather than not at all.
                 self._log.warning(
@@ -508,6 +524,7 @@ class ShadowWorker:
             tokens = words(item.text)
             unknown = sum(1 for t in tokens if t not in task.vocabulary)
             oov_share = unknown / len(tokens) if tokens else 0.0
+        segment = segment_of(item.text, item.metadata, task.sampling, task.sampling.segment_keys)
         with self._lock:
             decision = decide(
                 item.text,
@@ -517,7 +534,7 @@ class ShadowWorker:
                 self._counts[task.task].counts,
                 self._rng,
                 oov_share=oov_share,
-                keys=task.sampling.segment_keys,
+                segment=self._values[task.task].admit(segment),
             )
         if not decision.sample:
             return False

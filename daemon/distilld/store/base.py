@@ -9,6 +9,9 @@ Four kinds of records, each kept per task:
 * alert events: what the policy evaluation decided to report;
 * check results: the JSON summary of each monitoring check.
 
+Comparisons, alerts and checks are deleted by age (:meth:`SampleStore.prune`,
+run by the daemon's retention sweep), the reservoir by count.
+
 Records are plain frozen dataclasses so that stores stay interchangeable
 (SQLite by default, Postgres when several replicas share state). Every query
 returns records oldest first, so a window reads in the order things happened.
@@ -131,6 +134,13 @@ class SampleStore(Protocol):
 
     def checks(self, task: str, limit: int = 500) -> list[CheckResult]:
         """The last ``limit`` checks of ``task``, oldest first."""
+        ...
+
+    def prune(self, older_than: float, keep_per_task: int) -> dict[str, int]:
+        """Delete the comparisons, alerts and checks created before ``older_than`` (Unix
+        time in seconds), except each task's newest ``keep_per_task`` rows of each of
+        these tables; returns how many rows each table lost. The traffic reservoir is
+        bounded by count when samples are added, not here."""
         ...
 
     def close(self) -> None: ...

@@ -33,6 +33,11 @@ from distilld.store.base import (
 
 SCHEMA_VERSION = 1
 DEFAULT_RESERVOIR_PER_TASK = 20_000
+#: The tables :meth:`SqliteStore.prune` trims by age.
+PRUNED_TABLES = ("comparisons", "alerts", "checks")
+#: Rows deleted per transaction when pruning: the lock is released between batches,
+#: so a first sweep over months of rows does not hold up the shadow worker.
+PRUNE_BATCH = 5_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
@@ -377,6 +382,36 @@ class SqliteStore:
             CheckResult(task=row[0], summary=json.loads(row[1]), created_at=row[2])
             for row in reversed(rows)
         ]
+
+    # -- retention ------------------------------------------------------------------
+
+    def prune(self, older_than: float, keep_per_task: int) -> dict[str, int]:
+        if keep_per_task < 0:
+            raise ValueError(f"keep_per_task must be at least 0 (received {keep_per_task})")
+        deleted: dict[str, int] = {}
+        for table in PRUNED_TABLES:
+            with self._cursor(write=False) as cursor:
+                tasks = [row[0] for row in cursor.execute(f"SELECT DISTINCT task FROM {table}")]
+            total = 0
+            for task in tasks:
+                while True:
+                    # Old enough, and not among the task's newest keep_per_task rows (ids
+                    # grow with insertion): the id bound is NULL, so nothing goes, when the
+                    # task has no more than keep_per_task rows.
+                    with self._cursor(write=True) as cursor:
+                        cursor.execute(
+                            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "
+                            "WHERE task = ? AND created_at < ? AND id <= COALESCE(("
+                            f"SELECT id FROM {table} WHERE task = ? ORDER BY id DESC "
+                            "LIMIT 1 OFFSET ?), -1) ORDER BY id LIMIT ?)",
+                            (task, older_than, task, keep_per_task, PRUNE_BATCH),
+                        )
+                        count = cursor.rowcount
+                    total += count
+                    if count < PRUNE_BATCH:
+                        break
+            deleted[table] = total
+        return deleted
 
     def close(self) -> None:
         with self._lock:

@@ -26,7 +26,11 @@ from distilld.teacher.openai import OpenAITeacher
 
 
 def make_teacher(
-    policy: Policy, models_dir: Path, *, environ: Mapping[str, str] | None = None
+    policy: Policy,
+    models_dir: Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    secrets_dir: Path | None = None,
 ) -> Teacher | None:
     """The teacher of ``policy``, or None when the policy has no ``teacher`` section.
 
@@ -34,14 +38,15 @@ def make_teacher(
     ``teacher.model`` is resolved under it and refused (ConfigError) if it
     escapes it or does not exist; loading failures are ModelLoadError. An
     openai teacher reads its API key from ``environ`` (default: the process
-    environment); a variable that is named but unset is a ConfigError. The
-    caller owns the teacher and must ``close()`` it.
+    environment); a variable that is named but unset is a ConfigError, and so is an
+    ``api_key_file`` outside ``secrets_dir`` (``DISTILLD_SECRETS_DIR``; None: no key
+    file allowed). The caller owns the teacher and must ``close()`` it.
     """
     config = policy.teacher
     if config is None:
         return None
     if isinstance(config, OpenAITeacherConfig):
-        return OpenAITeacher(config, policy, environ=environ)
+        return OpenAITeacher(config, policy, environ=environ, secrets_dir=secrets_dir)
     # The other member of the union: TransformersTeacherConfig.
     model_dir = resolve_model_dir(models_dir, config.model, field="teacher.model")
     return LocalTeacher(config, policy, model_dir)

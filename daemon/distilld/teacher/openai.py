@@ -46,8 +46,10 @@ from typing import Any, TypeVar
 import httpx
 import jsonschema
 
-from distilld.errors import ConfigError, PolicyError
+from distilld.credentials import Redactor, read_api_key
+from distilld.errors import PolicyError
 from distilld.log import get_logger
+from distilld.modelpaths import resolve_secret_file
 from distilld.policy.model import Policy, TaskKind
 from distilld.serving.base import validated_json
 from distilld.serving.vllm import choice_prediction, mean_token_probability
@@ -75,26 +77,12 @@ T = TypeVar("T")
 _RETRYABLE_STATUS = frozenset({408, 429})
 # Statuses that refuse this one input (too long, unprocessable); the server itself is fine.
 _INPUT_REFUSED_STATUS = frozenset({400, 413, 422})
-_ERROR_BODY_CHARS = 200
 # What a chat model wraps a one-word answer in: whitespace, quotes, final punctuation.
 _NOISE = " \t\r\n\"'`.!?"
 
 
 class _InputRefused(TeacherError):
     """The endpoint refused one input; becomes that input's answer error."""
-
-
-class _Redactor:
-    """Cuts the API key out of text that may leave the process (errors, logs)."""
-
-    def __init__(self, secret: str | None) -> None:
-        self._secret = secret
-
-    def __call__(self, text: str) -> str:
-        return text.replace(self._secret, "[redacted]") if self._secret else text
-
-    def __repr__(self) -> str:
-        return "_Redactor([redacted])"
 
 
 class OpenAITeacher:
@@ -106,6 +94,7 @@ class OpenAITeacher:
         policy: Policy,
         *,
         environ: Mapping[str, str] | None = None,
+        secrets_dir: Path | None = None,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -129,20 +118,10 @@ class OpenAITeacher:
         self._prompt = prompt
 
         headers: dict[str, str] = {}
-        key: str | None = None
-        if config.api_key_env is not None:
-            key = (os.environ if environ is None else environ).get(config.api_key_env)
-            if not key:
-                raise ConfigError(
-                    f"the teacher's API key variable {config.api_key_env} is not set or empty; "
-                    f"export {config.api_key_env} in the daemon's environment, or remove "
-                    "teacher.api_key_env for an endpoint without authentication"
-                )
-        elif config.api_key_file is not None:
-            key = _read_key_file(Path(config.api_key_file))
+        key = teacher_api_key(config, environ, secrets_dir=secrets_dir)
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
-        self._redact = _Redactor(key)
+        self._redact = Redactor(key)
 
         self._breaker = CircuitBreaker(
             config.breaker_failure_threshold, config.breaker_reset_s, clock=clock
@@ -268,7 +247,7 @@ class OpenAITeacher:
         async def attempt() -> tuple[str, list[dict[str, Any]]]:
             doc = await self._post(body)
             try:
-                return _read_completion(doc, self._config.base_url)
+                return _read_completion(doc, self._config.base_url, self._redact)
             except TeacherUnavailable as exc:
                 raise TeacherUnavailable(self._redact(str(exc))) from None
 
@@ -349,16 +328,16 @@ class OpenAITeacher:
         status = response.status_code
         if status >= 500 or status in _RETRYABLE_STATUS:
             raise TeacherUnavailable(
-                self._redact(f"{where} answered HTTP {status}: {_excerpt(response.text)}")
+                self._redact(f"{where} answered HTTP {status}: {self._shown(response.text)}")
             )
         if status in _INPUT_REFUSED_STATUS:
-            detail = _excerpt(response.text)
+            detail = self._shown(response.text)
             message = f"{where} refused the input (HTTP {status}): {detail}"
             raise _InputRefused(self._redact(message))
         if status >= 400:
             raise TeacherError(
                 self._redact(
-                    f"{where} refused the request (HTTP {status}): {_excerpt(response.text)}; "
+                    f"{where} refused the request (HTTP {status}): {self._shown(response.text)}; "
                     "check teacher.base_url, teacher.model and the key in "
                     f"{self._config.api_key_env or '(no api_key_env set)'}"
                 )
@@ -369,9 +348,13 @@ class OpenAITeacher:
             raise TeacherUnavailable(
                 self._redact(
                     f"{where} answered HTTP {status} with a body that is not JSON: "
-                    f"{_excerpt(response.text)!r}"
+                    f"{self._shown(response.text)!r}"
                 )
             ) from None
+
+    def _shown(self, text: str) -> str:
+        """Text from the endpoint as an error quotes it: the key masked first, then cut."""
+        return self._redact.excerpt(text)
 
     # -- answers --------------------------------------------------------------------
 
@@ -387,7 +370,7 @@ class OpenAITeacher:
             return TeacherAnswer(
                 output=content,
                 confidence=0.0,
-                error=f"teacher answered {_excerpt(content)!r}, not one of the labels "
+                error=f"teacher answered {self._shown(content)!r}, not one of the labels "
                 f"{list(self._labels)}{hint}",
             )
         # The label's own probability and, where the first token's top-k covers
@@ -413,18 +396,29 @@ class OpenAITeacher:
         )
 
 
-def _read_key_file(path: Path) -> str:
-    """The API key in ``path`` (trailing newline dropped); errors never show the content."""
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"cannot read the teacher's API key file {path} ({type(exc).__name__}); "
-            "teacher.api_key_file must name a file the daemon's user can read"
-        ) from None
-    if not key:
-        raise ConfigError(f"the teacher's API key file {path} is empty")
-    return key
+def teacher_api_key(
+    config: OpenAITeacherConfig,
+    environ: Mapping[str, str] | None = None,
+    *,
+    secrets_dir: Path | None = None,
+) -> str | None:
+    """The teacher's API key from ``api_key_env`` (in ``environ``, default the process
+    environment) or ``api_key_file``; None when the policy names neither. A variable
+    that is unset or empty, or a file that cannot be read, is a ConfigError (also
+    raised by the preflight, before a policy set is started). ``api_key_file`` must
+    lie in ``secrets_dir`` (DISTILLD_SECRETS_DIR; relative names are resolved under
+    it): a policy cannot send any file the daemon can read as a bearer key."""
+    key_file = None
+    if config.api_key_file is not None:
+        key_file = resolve_secret_file(
+            config.api_key_file, secrets_dir, field="teacher.api_key_file"
+        )
+    return read_api_key(
+        env=config.api_key_env,
+        file=key_file,
+        environ=os.environ if environ is None else environ,
+        field="teacher",
+    )
 
 
 def token_top_logprobs(tokens: list[dict[str, Any]]) -> tuple[dict[str, float], ...] | None:
@@ -462,7 +456,7 @@ def _normalise(text: str) -> str:
     return text.strip(_NOISE).casefold()
 
 
-def _read_completion(doc: Any, base_url: str) -> tuple[str, list[dict[str, Any]]]:
+def _read_completion(doc: Any, base_url: str, redact: Redactor) -> tuple[str, list[dict[str, Any]]]:
     """The answer text and its token log-probabilities from a chat completion."""
     try:
         choice = doc["choices"][0]
@@ -473,7 +467,7 @@ def _read_completion(doc: Any, base_url: str) -> tuple[str, list[dict[str, Any]]
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise TeacherUnavailable(
             f"teacher at {base_url} answered a chat completion without "
-            f"choices[0].message.content ({exc}): {_excerpt(json.dumps(doc, default=str))}"
+            f"choices[0].message.content ({exc}): {redact.excerpt(json.dumps(doc, default=str))}"
         ) from None
     return content, [t for t in tokens if isinstance(t, dict)]
 
@@ -484,7 +478,3 @@ def _strip_code_fence(content: str) -> str:
     if text.startswith("```") and text.endswith("```") and "\n" in text:
         return text[text.index("\n") + 1 : -3].strip()
     return content
-
-
-def _excerpt(text: str) -> str:
-    return text if len(text) <= _ERROR_BODY_CHARS else text[:_ERROR_BODY_CHARS] + "..."

