@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fuzz generator lives with the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from distilld.app import RunningDaemon, running_daemon  # noqa: E402
 from distilld.demo.data import load_rows  # noqa: E402
+from distilld.lifecycle import RunningDaemon, running_daemon  # noqa: E402
 from distilld.log import configure_logging  # noqa: E402
 from distilld.traffic.broker import EmbeddedBroker  # noqa: E402
 from distilld.traffic.replay import read_topic, replay  # noqa: E402

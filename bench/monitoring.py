@@ -76,8 +76,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from distilld.app import running_daemon
 from distilld.demo.data import Row, load_rows
+from distilld.lifecycle import running_daemon
 from distilld.log import configure_logging
 from distilld.monitoring.config import (
     AccuracyMonitorConfig,
@@ -85,6 +85,7 @@ from distilld.monitoring.config import (
     MonitorsConfig,
     SamplingConfig,
 )
+from distilld.monitoring.evaluate import DRIFT_METRIC, Status, Verdict
 from distilld.monitoring.features import (
     REFERENCE_FILE,
     Reference,
@@ -92,7 +93,6 @@ from distilld.monitoring.features import (
     save_reference,
 )
 from distilld.monitoring.measure import CheckOutcome, run_check
-from distilld.policy.evaluate import DRIFT_METRIC, Status, Verdict
 from distilld.policy.load import load_policy
 from distilld.policy.model import Policy
 from distilld.serving.local import load_local_student
@@ -570,7 +570,7 @@ def serving_policy(
 
 
 def serve(policy: Policy, settings: Settings, texts: list[str]) -> dict[str, Any]:
-    """serving.daemon_rate's measurement (backlog first, group join to the last answer),
+    """daemon_rate.daemon_rate's measurement (backlog first, group join to the last answer),
     plus what monitoring did meanwhile."""
     lines = [
         json.dumps({"id": f"b-{i}", "task": policy.task, "input": t}).encode()

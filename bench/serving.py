@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from distilld.app import running_daemon  # noqa: E402
+from daemon_rate import daemon_rate  # noqa: E402
 from distilld.demo.data import load_rows  # noqa: E402
 from distilld.log import configure_logging  # noqa: E402
 from distilld.modelfiles import minilm_classifier_from_asset  # noqa: E402
@@ -40,7 +40,6 @@ from distilld.policy.model import Policy  # noqa: E402
 from distilld.serving.local import load_local_student  # noqa: E402
 from distilld.settings import Settings  # noqa: E402
 from distilld.traffic.broker import EmbeddedBroker  # noqa: E402
-from distilld.traffic.replay import replay  # noqa: E402
 
 LABELS = ["fresh", "rotten"]
 
@@ -99,28 +98,9 @@ def direct_rate(policy: Policy, model: Path, texts: list[str], batch: int) -> fl
     return len(texts) / elapsed
 
 
-def daemon_rate(policy: Policy, settings: Settings, texts: list[str]) -> float:
-    lines = [
-        json.dumps({"id": f"b-{i}", "task": policy.task, "input": t}).encode()
-        for i, t in enumerate(texts)
-    ]
-    with running_daemon(settings, {policy.task: policy}) as daemon:
-        # Backlog first, then measure from group join to the last acknowledged
-        # answer: the loop's own work (poll, batch, infer, produce, commit).
-        replay(daemon.kafka, lines, policy.traffic.requests_topic)
-        if not daemon.wait_ready(60):
-            raise SystemExit("daemon did not join its consumer group")
-        loop = daemon.loops[0]
-        started = time.perf_counter()
-        while loop.stats.answered < len(texts):
-            time.sleep(0.005)
-        elapsed = time.perf_counter() - started
-    return len(texts) / elapsed
-
-
 def main() -> None:
     if "--vllm" in sys.argv[1:]:
-        from serving_vllm import main as vllm_main  # imports this module: load it late
+        from serving_vllm import main as vllm_main  # needs vLLM's setup: load it only here
 
         vllm_main([a for a in sys.argv[1:] if a != "--vllm"])
         return

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from daemon_rate import daemon_rate
 from distilld.demo.data import load_rows
 from distilld.log import configure_logging
 from distilld.modelfiles import smollm2_from_asset
@@ -34,7 +35,6 @@ from distilld.policy.model import Policy
 from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig
 from distilld.settings import Settings
 from distilld.traffic.broker import EmbeddedBroker
-from serving import daemon_rate  # bench/serving.py: the same daemon measurement
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Is this movie review positive or negative?\nReview: {input}\nAnswer:"

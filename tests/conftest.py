@@ -13,4 +13,4 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # its HTTP endpoints (the operator's default is 8080).
 os.environ["DISTILLD_HTTP_PORT"] = "0"
 
-pytest_plugins = ["support.kafka", "support.models", "support.vllm"]
+pytest_plugins = ["support.kafka", "support.logs", "support.models", "support.vllm"]

@@ -1,7 +1,7 @@
 """The alert sink: one alert per breach, recoveries, state that survives a restart.
 
 Real parts: verdicts from the policy evaluation (measure_accuracy + evaluate
-on real Comparison records), the SqliteStore, the structlog JSON log, and for
+on real Comparison records), the SqliteStore, the structlog log events, and for
 the alerts topic the session's Tansu broker with kafka-python.
 """
 
@@ -17,14 +17,14 @@ import pytest
 from kafka import TopicPartition
 
 from distilld.alerts import AlertSink, segment_dict, segment_label
-from distilld.log import configure_logging
 from distilld.monitoring.accuracy import Comparison, measure_accuracy
 from distilld.monitoring.config import MonitorsConfig
-from distilld.policy.evaluate import EventKind, Severity, Verdict, evaluate
+from distilld.monitoring.evaluate import EventKind, Severity, Verdict, evaluate
 from distilld.settings import KafkaConfig
 from distilld.store.sqlite import SqliteStore
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
 from support.kafka import unique
+from support.logs import Event, alerts, named
 
 TASK = "reviews"
 MONITORS = MonitorsConfig.model_validate(
@@ -66,11 +66,6 @@ def verdicts(review_agreement: float, plot_agreement: float) -> list[Verdict]:
     return evaluate(TASK, MONITORS, accuracy=accuracy, drift=None)
 
 
-def alert_lines(output: str) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("alert")]
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqliteStore]:
     s = SqliteStore(tmp_path / "state.db")
@@ -79,9 +74,8 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
 
 
 def test_a_segment_breach_is_alerted_once_and_its_recovery_too(
-    store: SqliteStore, capsys: pytest.CaptureFixture[str]
+    store: SqliteStore, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     sink = AlertSink(store, tasks=[TASK])
     assert sink.handle(TASK, verdicts(1.0, 0.95)) == []  # all fine: nothing to say
 
@@ -95,7 +89,7 @@ def test_a_segment_breach_is_alerted_once_and_its_recovery_too(
     assert again == []
     assert [(e.kind, e.segment) for e in recovered] == [(EventKind.recovered, "kind=plot")]
 
-    lines = alert_lines(capsys.readouterr().out)
+    lines = alerts(logs)
     assert [line["event"] for line in lines] == ["monitor.breach", "monitor.recovered"]
     breach = lines[0]
     assert breach["task"] == TASK
@@ -119,9 +113,8 @@ def test_a_segment_breach_is_alerted_once_and_its_recovery_too(
 
 
 def test_a_restart_during_a_breach_does_not_alert_it_again(
-    store: SqliteStore, capsys: pytest.CaptureFixture[str]
+    store: SqliteStore, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     before = AlertSink(store, tasks=[TASK])
     opened = before.handle(TASK, verdicts(0.5, 0.5))  # overall and both segments breach
     assert {e.segment for e in opened} == {"all", "kind=review", "kind=plot"}
@@ -134,25 +127,20 @@ def test_a_restart_during_a_breach_does_not_alert_it_again(
     recovered = after.handle(TASK, verdicts(0.95, 0.5))
     assert {(e.kind, e.segment) for e in recovered} == {(EventKind.recovered, "kind=review")}
 
-    events = [line["event"] for line in alert_lines(capsys.readouterr().out)]
+    events = [line["event"] for line in alerts(logs)]
     assert events.count("monitor.breach") == 3
     assert events.count("monitor.recovered") == 1
 
 
-def test_a_failing_producer_does_not_lose_the_alert(
-    store: SqliteStore, capsys: pytest.CaptureFixture[str]
-) -> None:
-    configure_logging("INFO", "json")
-
+def test_a_failing_producer_does_not_lose_the_alert(store: SqliteStore, logs: list[Event]) -> None:
     def broken_send(topic: str, value: bytes) -> None:
         raise ConnectionError("broker gone")
 
     sink = AlertSink(store, send=broken_send, topic="alerts")
     events = sink.handle(TASK, verdicts(1.0, 0.7))
     assert len(events) == 1
-    out = capsys.readouterr().out
-    assert [line["event"] for line in alert_lines(out)] == ["monitor.breach"]
-    assert "alerts.produce_failed" in out
+    assert [line["event"] for line in alerts(logs)] == ["monitor.breach"]
+    assert len(named(logs, "alerts.produce_failed")) == 1
     assert len(store.last_alerts(TASK)) == 1
 
 
@@ -198,3 +186,19 @@ def test_segment_labels_round_trip_through_the_store_form(store: SqliteStore) ->
         assert segment_label(segment_dict(label)) == label
     with pytest.raises(ValueError, match="topic"):
         AlertSink(store, send=lambda topic, value: None)  # a producer needs a topic
+
+
+def test_breach_states_are_open_while_a_breach_lasts_and_closed_after(
+    store: SqliteStore, logs: list[Event]
+) -> None:
+    # What distilld_policy_breach{task,metric,segment} reports at each scrape.
+    sink = AlertSink(store, tasks=[TASK])
+    assert sink.breaches(TASK) == {}
+    sink.handle(TASK, verdicts(1.0, 0.7))
+    assert sink.breaches(TASK) == {("agreement", "kind=plot"): True}
+    sink.handle(TASK, verdicts(1.0, 0.9))
+    assert sink.breaches(TASK) == {("agreement", "kind=plot"): False}
+    sink.handle(TASK, verdicts(1.0, 0.7))  # it breaches again
+    assert sink.breaches(TASK) == {("agreement", "kind=plot"): True}
+    restarted = AlertSink(store, tasks=[TASK])  # an open breach is restored from the store
+    assert restarted.breaches(TASK) == {("agreement", "kind=plot"): True}

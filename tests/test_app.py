@@ -2,65 +2,53 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from distilld.app import LiveReference, ReferencePins, drift_reference
-from distilld.log import configure_logging
 from distilld.monitoring.config import MonitorsConfig
 from distilld.monitoring.features import REFERENCE_FILE, fit_reference, save_reference
 from distilld.monitoring.measure import run_check
+from distilld.monitoring.references import LiveReference, ReferencePins, drift_reference
 from distilld.registry import Manifest, ModelRegistry
 from distilld.store.base import TrafficSample
 from distilld.store.sqlite import SqliteStore
+from support.logs import Event, named
 
 
 def test_an_unreadable_drift_reference_is_reported_with_an_alert(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     (tmp_path / REFERENCE_FILE).write_text("{not json")
     assert drift_reference(tmp_path) is None
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
-    unreadable = [e for e in events if e["event"] == "monitoring.reference_unreadable"]
+    unreadable = named(logs, "monitoring.reference_unreadable")
     assert len(unreadable) == 1
     assert unreadable[0]["alert"] is True
     assert REFERENCE_FILE in unreadable[0]["path"]
 
 
 def test_a_pinned_reference_stands_in_for_an_unreadable_one_of_the_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     (tmp_path / REFERENCE_FILE).write_text("{not json")
     pinned = tmp_path / "state" / REFERENCE_FILE
     texts = [f"a short review number {i} about a film" for i in range(30)]
     save_reference(replace(fit_reference(texts), origin="pinned"), pinned)
     loaded = drift_reference(tmp_path, pinned)
     assert loaded is not None and loaded.origin == "pinned" and len(loaded.frame) == 30
-    assert "monitoring.reference_unreadable" in capsys.readouterr().out
+    assert len(named(logs, "monitoring.reference_unreadable")) == 1
 
 
 def test_a_saved_drift_reference_is_loaded_and_a_missing_one_is_reported(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     texts = [f"a short review number {i} about a film" for i in range(40)]
     save_reference(fit_reference(texts), tmp_path / REFERENCE_FILE)
     loaded = drift_reference(tmp_path)
     assert loaded is not None
     assert len(loaded.frame) == 40
     assert drift_reference(tmp_path / "elsewhere") is None
-    assert "monitoring.no_saved_reference" in capsys.readouterr().out
+    assert len(named(logs, "monitoring.no_saved_reference")) == 1
     assert drift_reference(None) is None
-
-
-def _events(output: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in output.splitlines() if line[:1] == "{"]
 
 
 def _rows(version: str, count: int) -> list[TrafficSample]:
@@ -87,9 +75,8 @@ MONITORS = MonitorsConfig.model_validate(
 
 
 def test_a_registry_version_without_a_reference_gets_one_pinned_and_saved_with_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     # An adopted student: in the registry, without a drift reference.
     registry = ModelRegistry(tmp_path / "registry")
     model_dir = tmp_path / "adopted"
@@ -134,9 +121,7 @@ def test_a_registry_version_without_a_reference_gets_one_pinned_and_saved_with_i
     saved = registry.path(version) / REFERENCE_FILE
     assert saved.is_file()
     assert registry.get(version).reference_distribution == REFERENCE_FILE
-    (pinned,) = [
-        e for e in _events(capsys.readouterr().out) if e["event"] == "drift.reference_pinned"
-    ]
+    (pinned,) = named(logs, "drift.reference_pinned")
     assert (pinned["task"], pinned["version"], pinned["rows"]) == ("reviews", version, 40)
     assert pinned["path"] == str(saved)
     # The daemon keeps it, and a restarted one finds it.
@@ -180,9 +165,9 @@ def test_an_external_vllm_student_needs_no_model_files_here(tmp_path: Path) -> N
     import threading
     from contextlib import ExitStack
 
-    from distilld.app import load_students
     from distilld.policy.model import Policy
     from distilld.settings import Settings
+    from distilld.students import load_students
 
     policy = Policy.model_validate(
         {
@@ -216,11 +201,12 @@ def test_monitoring_applies_retention_at_start_and_schedules_it(tmp_path: Path) 
     import time
     from contextlib import ExitStack
 
-    from distilld.app import Students, start_monitoring
+    from distilld.app import start_monitoring
     from distilld.monitoring.measure import _report_dir
     from distilld.policy.model import Policy
     from distilld.serving.fake import FakeStudent
     from distilld.settings import Settings
+    from distilld.students import Students
     from support.records import comparison
 
     policy = Policy.model_validate(

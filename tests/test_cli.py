@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from distilld.settings import KafkaConfig
 from distilld.traffic.kafka import ensure_topics
 from distilld.traffic.replay import read_topic
 from support.kafka import unique, write_sentiment_policy
+from support.logs import json_lines
+from support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,16 +190,18 @@ def test_run_without_bootstrap_servers_starts_and_stops_an_embedded_broker(
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 120
-        while "daemon.started" not in log.read_text() and time.monotonic() < deadline:
+
+        def daemon_started() -> bool:
             assert process.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
+            return any(e["event"] == "daemon.started" for e in json_lines(log))
+
+        wait_until(daemon_started, 120, interval=0.2, message=lambda: log.read_text()[-3000:])
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
-    events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    events = json_lines(log)
     names = [e["event"] for e in events]
     started = next(e for e in events if e["event"] == "broker.embedded_started")
     assert started["bootstrap_servers"].startswith("127.0.0.1:")

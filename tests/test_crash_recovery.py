@@ -32,6 +32,8 @@ from distilld.settings import Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import TEST_SESSION_TIMEOUT_MS, sentiment_task, unique
+from support.logs import json_lines
+from support.wait import wait_until
 
 TOTAL = 10_000
 # Two speeds: most of the run fast, the end slowly, so that requests still
@@ -51,13 +53,22 @@ def paced(lines: list[bytes]) -> Iterator[bytes]:
         yield line
 
 
-def events(log: Path, since: int = 0) -> list[dict[str, Any]]:
-    lines = log.read_text(errors="replace").splitlines()[since:] if log.exists() else []
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
 def line_count(log: Path) -> int:
     return len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
+
+
+def wait_for_point(
+    name: str, reached: Callable[[], bool], process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Wait until the daemon reached a point, failing if it exits first."""
+
+    def check() -> bool:
+        if reached():
+            return True
+        assert process.poll() is None, f"the daemon exited:\n{log.read_text()[-3000:]}"
+        return False
+
+    wait_until(check, 600, interval=0.2, message=lambda: f"{name}:\n{log.read_text()[-3000:]}")
 
 
 def write_policy(tmp_path: Path, student: Path, teacher: Path) -> tuple[str, dict[str, Any]]:
@@ -137,7 +148,8 @@ def test_five_sigkills_lose_no_request_and_leave_one_live_version(
 
     def started_at(since: int) -> float | None:
         return next(
-            (time.monotonic() for e in events(log, since) if e["event"] == "daemon.started"), None
+            (time.monotonic() for e in json_lines(log, since) if e["event"] == "daemon.started"),
+            None,
         )
 
     # The five points, in order: each a test on the current process's log lines.
@@ -150,7 +162,7 @@ def test_five_sigkills_lose_no_request_and_leave_one_live_version(
         return time.monotonic() - first > 15
 
     def after(event: str) -> Callable[[int], bool]:
-        return lambda since: any(e["event"] == event for e in events(log, since))
+        return lambda since: any(e["event"] == event for e in json_lines(log, since))
 
     points: list[tuple[str, Callable[[int], bool]]] = [
         ("serving", serving),
@@ -165,13 +177,7 @@ def test_five_sigkills_lose_no_request_and_leave_one_live_version(
         killed_at: dict[str, int] = {}  # point -> log line of its kill
         for name, reached in points:
             since = line_count(log)
-            deadline = time.monotonic() + 600
-            while not reached(since):
-                assert process.poll() is None, f"the daemon exited:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, (
-                    f"never reached {name}:\n{log.read_text()[-3000:]}"
-                )
-                time.sleep(0.2)
+            wait_for_point(name, lambda: reached(since), process, log)  # noqa: B023 (used at once)
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
             with log.open("a") as out:
@@ -191,13 +197,11 @@ def test_five_sigkills_lose_no_request_and_leave_one_live_version(
         live = [m.version for m in registry.list() if m.state == "live"]
         assert live == [registry.live_version()], [(m.version, m.state) for m in registry.list()]
         # Killed right after the promotion, the next process served the promoted version.
-        up_to_kill = log.read_text(errors="replace").splitlines()[: killed_at["promotion"]]
-        promoted = [
-            e["version"]
-            for e in (json.loads(line) for line in up_to_kill if line.startswith("{"))
-            if e["event"] == "retrain.promoted"
+        up_to_kill = json_lines(log, stop=killed_at["promotion"])
+        promoted = [e["version"] for e in up_to_kill if e["event"] == "retrain.promoted"]
+        loaded = [
+            e for e in json_lines(log, killed_at["promotion"]) if e["event"] == "student.loaded"
         ]
-        loaded = [e for e in events(log, killed_at["promotion"]) if e["event"] == "student.loaded"]
         assert loaded[0]["model_version"] == promoted[-1]
     finally:
         if process.poll() is None:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from distilld.log import alert, configure_logging, get_logger
+from distilld.log import configure_logging, get_logger
+from distilld.telemetry.alerts import alert
 
 
 def test_events_are_json_lines_and_alerts_are_marked(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,3 +42,20 @@ def test_no_log_field_is_longer_than_the_bound(capsys: pytest.CaptureFixture[str
     event = json.loads(line)
     assert event["error"] == "\u0085" * LOG_FIELD_CHARS + "..."
     assert event["detail"]["task"] == "\u0085" * LOG_FIELD_CHARS + "..."
+
+
+def test_captured_logs_are_the_events_after_the_projects_processors() -> None:
+    from distilld.echo import LOG_FIELD_CHARS
+    from support.logs import captured_logs, named
+
+    with captured_logs("INFO") as entries:
+        log = get_logger("serving")  # as a component does when it is built
+        log.info("serving.stats", answered=3, note="x" * (LOG_FIELD_CHARS + 5))
+        log.debug("hidden.at.info")
+        alert(log, "student.failed", severity="error", task="t")
+    assert [e["event"] for e in entries] == ["serving.stats", "student.failed"]
+    (stats,) = named(entries, "serving.stats")
+    assert stats["component"] == "serving"
+    assert stats["level"] == "info"
+    assert stats["note"] == "x" * LOG_FIELD_CHARS + "..."
+    assert named(entries, "student.failed")[0]["alert"] is True

@@ -22,23 +22,24 @@ import signal
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from distilld.app import RunningDaemon, running_daemon
 from distilld.demo.data import load_rows
-from distilld.log import configure_logging
+from distilld.lifecycle import RunningDaemon, running_daemon
 from distilld.policy.load import load_policy
 from distilld.serving.vllm_server import ManagedVllmServer
 from distilld.settings import Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import TEST_SESSION_TIMEOUT_MS, unique
+from support.logs import Event
 from support.proxy import CuttableProxy
 from support.vllm import SMOLLM2_SERVED_NAME, vllm_python
+from support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -99,22 +100,14 @@ def write_policy(tmp_path: Path, student_model: str, teacher_url: str) -> tuple[
     return task, path
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.mark.timeout(1800)
 def test_teacher_outage_and_student_kill_in_one_run_lose_nothing_and_alert(
     tmp_path: Path,
     broker: EmbeddedBroker,
     smollm2_dir: Path,
     teacher_proxy: CuttableProxy,
-    capsys: pytest.CaptureFixture[str],
+    logs: list[Event],
 ) -> None:
-    configure_logging("INFO", "json")
     task, path = write_policy(tmp_path, smollm2_dir.name, teacher_proxy.base_url)
     policy = load_policy(path)
     settings = Settings(
@@ -160,18 +153,26 @@ def test_teacher_outage_and_student_kill_in_one_run_lose_nothing_and_alert(
         assert d.wait_ready(120)
         # 1. The teacher is up: answers are compared.
         wait_answered(send("up", 16))
-        wait_until(lambda: compared(d) > 0, 300, "a first comparison")
+        wait_until(lambda: compared(d) > 0, 300, interval=0.2, message="a first comparison")
 
         # 2. The teacher unreachable: serving goes on, one teacher_unavailable alert.
         teacher_proxy.cut()
         wait_answered(send("cut", 16))
-        wait_until(lambda: "teacher_unavailable" in alert_kinds(d), 300, "teacher_unavailable")
+        wait_until(
+            lambda: "teacher_unavailable" in alert_kinds(d),
+            300,
+            interval=0.2,
+            message="teacher_unavailable",
+        )
         compared_in_outage = compared(d)
 
         # 3. The student's vLLM server killed mid-stream: requests wait, nothing lost.
         killed = send("kill", 40)
         wait_until(
-            lambda: sum(r.get("id") in killed for r in answered()) >= 8, 300, "answers to kill"
+            lambda: sum(r.get("id") in killed for r in answered()) >= 8,
+            300,
+            interval=0.2,
+            message="answers to kill",
         )
         server = d.vllm[task].server
         assert server is not None and server.pid is not None
@@ -188,7 +189,12 @@ def test_teacher_outage_and_student_kill_in_one_run_lose_nothing_and_alert(
             wait_answered(send(f"back{rounds}", 8))
             time.sleep(2)
             rounds += 1
-        wait_until(lambda: compared(d) > compared_in_outage, 120, "comparisons after the outage")
+        wait_until(
+            lambda: compared(d) > compared_in_outage,
+            120,
+            interval=0.2,
+            message="comparisons after the outage",
+        )
         responses = answered()
         dead = read_topic(d.kafka, traffic.dead_letter_topic, until=lambda r: False, timeout_s=2)
         kinds = alert_kinds(d)
@@ -202,11 +208,7 @@ def test_teacher_outage_and_student_kill_in_one_run_lose_nothing_and_alert(
     teacher_kinds = [k for k in kinds if k.startswith("teacher_")]
     assert teacher_kinds == ["teacher_unavailable", "teacher_available"], kinds
     # The student's outage, from the alert lines of the log.
-    events = [
-        json.loads(line)["event"]
-        for line in capsys.readouterr().out.splitlines()
-        if line.startswith("{") and f'"{task}"' in line
-    ]
+    events = [e["event"] for e in logs if e.get("task") == task]
     for event in ("vllm.server_died", "student.unavailable", "student.available_again"):
         assert event in events, event
     assert events.index("student.unavailable") < events.index("student.available_again")

@@ -2,7 +2,7 @@
 an invalid file never replaces the policies in force.
 
 The integration test serves a real MiniLM student through the session's Tansu
-broker with ``app.serve`` (what ``distilld run`` calls), edits the policy file
+broker with ``lifecycle.serve`` (what ``distilld run`` calls), edits the policy file
 while it runs and checks the behaviour the policy controls (the input size
 limit).
 """
@@ -13,30 +13,27 @@ import json
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from distilld.app import RunningDaemon, serve
-from distilld.log import configure_logging
+from distilld.lifecycle import RunningDaemon, serve
 from distilld.policy.load import load_policies
 from distilld.policy.watch import PolicyWatcher, fingerprint
 from distilld.settings import KafkaConfig, Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import TEST_SESSION_TIMEOUT_MS, write_sentiment_policy
+from support.logs import Event, named
+from support.wait import wait_until
 
-
-def logged(output: str, event: str) -> list[dict[str, object]]:
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == event]
+# How long a daemon may take to start, restart or refuse a reload on a busy machine.
+RESTART_S = 120
 
 
 def test_the_watcher_accepts_valid_changes_and_alerts_invalid_ones(
-    tmp_path: Path, minilm_sentiment_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, minilm_sentiment_dir: Path, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     served = write_sentiment_policy(tmp_path, minilm_sentiment_dir)
     path = next(served.policies_dir.glob("*.yaml"))
     original = path.read_text()
@@ -48,12 +45,12 @@ def test_the_watcher_accepts_valid_changes_and_alerts_invalid_ones(
 
     path.write_text(original.replace("max_size: 8", "max_size: -1"))
     assert watcher.poll() is None
-    rejected = logged(capsys.readouterr().out, "policy.reload_rejected")
+    rejected = named(logs, "policy.reload_rejected")
     assert len(rejected) == 1
     assert rejected[0]["alert"] is True
-    assert any("student.batch.max_size" in p for p in rejected[0]["problems"])  # type: ignore[union-attr]
+    assert any("student.batch.max_size" in p for p in rejected[0]["problems"])
     assert watcher.poll() is None  # the same invalid content is not alerted again
-    assert logged(capsys.readouterr().out, "policy.reload_rejected") == []
+    assert len(named(logs, "policy.reload_rejected")) == 1
 
     path.write_text(original.replace("max_size: 8", "max_size: 4"))
     reloaded = watcher.poll()
@@ -77,9 +74,8 @@ def test_a_running_daemon_applies_a_valid_policy_change_and_keeps_serving_on_an_
     tmp_path: Path,
     broker: EmbeddedBroker,
     minilm_sentiment_dir: Path,
-    capsys: pytest.CaptureFixture[str],
+    logs: list[Event],
 ) -> None:
-    configure_logging("INFO", "json")
     served = write_sentiment_policy(tmp_path, minilm_sentiment_dir, max_input_chars=2000)
     task = served.policy.task
     traffic = served.policy.traffic
@@ -94,7 +90,9 @@ def test_a_running_daemon_applies_a_valid_policy_change_and_keeps_serving_on_an_
     )
     thread.start()
     try:
-        wait_for(lambda: len(started) == 1 and started[0].wait_ready(1), "first start")
+        wait_until(
+            lambda: len(started) == 1 and started[0].wait_ready(1), RESTART_S, message="first start"
+        )
         kafka = started[0].kafka
         long_text = "a fine film " * 20  # 240 characters
 
@@ -113,7 +111,9 @@ def test_a_running_daemon_applies_a_valid_policy_change_and_keeps_serving_on_an_
 
         # A valid change: inputs over 100 characters are now refused.
         path.write_text(path.read_text().replace("max_input_chars: 2000", "max_input_chars: 100"))
-        wait_for(lambda: len(started) == 2 and started[1].wait_ready(1), "restart")
+        wait_until(
+            lambda: len(started) == 2 and started[1].wait_ready(1), RESTART_S, message="restart"
+        )
         ask("after")
         dead = read_topic(
             kafka,
@@ -126,7 +126,9 @@ def test_a_running_daemon_applies_a_valid_policy_change_and_keeps_serving_on_an_
 
         # An invalid change is refused; the policies in force keep serving.
         path.write_text(path.read_text().replace("kind: classification", "kind: poetry"))
-        wait_for(lambda: logged(capsys.readouterr().out, "policy.reload_rejected"), "rejection")
+        wait_until(
+            lambda: named(logs, "policy.reload_rejected"), RESTART_S, message="the rejection"
+        )
         line = json.dumps({"id": "still", "task": task, "input": "short and sweet"}).encode()
         replay(kafka, [line], traffic.requests_topic)
         answered = read_topic(
@@ -143,17 +145,9 @@ def test_a_running_daemon_applies_a_valid_policy_change_and_keeps_serving_on_an_
     assert not thread.is_alive()
 
 
-def wait_for(condition: object, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(0.2)
-
-
 def test_the_watcher_refuses_a_valid_set_that_cannot_start_and_can_revert(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     served = write_sentiment_policy(tmp_path, tmp_path / "models" / "student")
     path = next(served.policies_dir.glob("*.yaml"))
     original = path.read_text()
@@ -163,12 +157,12 @@ def test_the_watcher_refuses_a_valid_set_that_cannot_start_and_can_revert(
 
     path.write_text(original.replace("max_size: 8", "max_size: 4"))
     assert watcher.poll() is None  # valid, but it cannot start here
-    rejected = logged(capsys.readouterr().out, "policy.reload_rejected")
+    rejected = named(logs, "policy.reload_rejected")
     assert len(rejected) == 1
     assert rejected[0]["problems"] == verdicts[0]
     assert watcher.current is in_force
     assert watcher.poll() is None  # the same files are not tried (or alerted) again
-    assert logged(capsys.readouterr().out, "policy.reload_rejected") == []
+    assert len(named(logs, "policy.reload_rejected")) == 1
 
     verdicts[0] = []
     path.write_text(original.replace("max_size: 8", "max_size: 2"))
@@ -177,9 +171,9 @@ def test_the_watcher_refuses_a_valid_set_that_cannot_start_and_can_revert(
 
     # The caller could not start it after all and started the previous set again.
     watcher.revert(in_force, "ModelLoadError: could not load the student")
-    rejected = logged(capsys.readouterr().out, "policy.reload_rejected")
-    assert len(rejected) == 1
-    assert rejected[0]["problems"] == ["ModelLoadError: could not load the student"]
+    rejected = named(logs, "policy.reload_rejected")
+    assert len(rejected) == 2
+    assert rejected[1]["problems"] == ["ModelLoadError: could not load the student"]
     assert watcher.current is in_force
     assert watcher.poll() is None
 
@@ -211,10 +205,9 @@ def test_a_reload_that_cannot_start_never_stops_the_daemon(
     tmp_path: Path,
     broker: EmbeddedBroker,
     minilm_sentiment_dir: Path,
-    capsys: pytest.CaptureFixture[str],
+    logs: list[Event],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    configure_logging("INFO", "json")
     monkeypatch.delenv("DISTILLD_TEST_RELOAD_UNSET_KEY", raising=False)
     models = linked_models(tmp_path, minilm_sentiment_dir)
     served = write_sentiment_policy(tmp_path, models / minilm_sentiment_dir.name)
@@ -232,25 +225,25 @@ def test_a_reload_that_cannot_start_never_stops_the_daemon(
     )
     thread.start()
     try:
-        wait_for(lambda: len(started) == 1 and started[0].wait_ready(1), "first start")
+        wait_until(
+            lambda: len(started) == 1 and started[0].wait_ready(1), RESTART_S, message="first start"
+        )
         kafka = started[0].kafka
         answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "first")
 
-        def rejected_for(edited: str, reason: str, request_id: str) -> list[dict[str, object]]:
+        def rejected_for(edited: str, reason: str, request_id: str) -> list[Event]:
+            seen = len(logs)
             path.write_text(edited)
-            rejections: list[dict[str, object]] = []
-            wait_for(
-                lambda: (
-                    rejections.extend(logged(capsys.readouterr().out, "policy.reload_rejected"))
-                    or rejections
-                ),
-                f"rejection ({reason})",
+            rejections = wait_until(
+                lambda: named(logs[seen:], "policy.reload_rejected"),
+                RESTART_S,
+                message=f"the rejection ({reason})",
             )
             assert len(rejections) == 1
-            assert reason in " ".join(str(p) for p in rejections[0]["problems"])  # type: ignore[union-attr]
+            assert reason in " ".join(str(p) for p in rejections[0]["problems"])
             assert thread.is_alive()
             latest = started[-1]
-            wait_for(lambda: latest.wait_ready(1), "serving")
+            wait_until(lambda: latest.wait_ready(1), RESTART_S, message="serving")
             answered(
                 latest.kafka, task, traffic.responses_topic, traffic.requests_topic, request_id
             )
@@ -291,7 +284,6 @@ def test_a_reload_that_cannot_start_never_stops_the_daemon(
 def test_a_reload_keeps_the_embedded_broker_and_what_it_holds(
     tmp_path: Path, minilm_sentiment_dir: Path
 ) -> None:
-    configure_logging("INFO", "json")
     served = write_sentiment_policy(tmp_path, minilm_sentiment_dir)
     task = served.policy.task
     traffic = served.policy.traffic
@@ -313,12 +305,16 @@ def test_a_reload_keeps_the_embedded_broker_and_what_it_holds(
     )
     thread.start()
     try:
-        wait_for(lambda: len(started) == 1 and started[0].wait_ready(1), "first start")
+        wait_until(
+            lambda: len(started) == 1 and started[0].wait_ready(1), RESTART_S, message="first start"
+        )
         kafka = started[0].kafka
         answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "before")
 
         path.write_text(path.read_text().replace("max_size: 8", "max_size: 4"))
-        wait_for(lambda: len(started) == 2 and started[1].wait_ready(1), "restart")
+        wait_until(
+            lambda: len(started) == 2 and started[1].wait_ready(1), RESTART_S, message="restart"
+        )
         assert started[1].kafka.bootstrap_servers == kafka.bootstrap_servers
         answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "after")
         # The broker kept its records and the group its offsets: "before" is still on

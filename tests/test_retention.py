@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from distilld.alerts import DEFAULT_RESTORE_LIMIT
-from distilld.log import configure_logging
 from distilld.monitoring.measure import _report_dir
 from distilld.policy.model import Policy
 from distilld.retention import (
@@ -25,6 +23,7 @@ from distilld.retention import (
 from distilld.retrain.gates import FAILED_GATES_DIR
 from distilld.store.base import AlertEvent, CheckResult
 from distilld.store.sqlite import SqliteStore
+from support.logs import Event, named
 from support.records import comparison
 
 NOW = 1_800_000_000.0
@@ -120,10 +119,7 @@ def test_the_floor_covers_the_accuracy_window_and_the_alert_restore() -> None:
     assert rows_floor([policy(window=50), policy(window=5000)]) == 5000
 
 
-def test_a_sweep_bounds_reports_gates_and_rows(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    configure_logging("INFO", "json")
+def test_a_sweep_bounds_reports_gates_and_rows(tmp_path: Path, logs: list[Event]) -> None:
     store = SqliteStore(tmp_path / "distilld.sqlite")
     reports = tmp_path / "reports"
     make_reports(reports, "reviews", 4)
@@ -150,15 +146,13 @@ def test_a_sweep_bounds_reports_gates_and_rows(
     assert [c.request_id for c in store.last_comparisons("reviews", 10)] == [
         f"n{i}" for i in range(10)
     ]
-    swept = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["deleted"] for line in swept if line["event"] == "retention.swept"] == [outcome]
+    assert [line["deleted"] for line in named(logs, "retention.swept")] == [outcome]
     store.close()
 
 
 def test_a_sweep_that_cannot_reach_the_store_logs_and_goes_on(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     store = SqliteStore(tmp_path / "distilld.sqlite")
     store.add_alert(AlertEvent(task="reviews", kind="breach", metric="agreement", created_at=1.0))
     store.close()  # every store call now raises StoreError
@@ -171,8 +165,7 @@ def test_a_sweep_that_cannot_reach_the_store_logs_and_goes_on(
     outcome = retention.run()  # does not raise
 
     assert outcome["report_dirs"] == 2  # the reports were still pruned
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    failed = [line for line in lines if line["event"] == "retention.failed"]
+    failed = named(logs, "retention.failed")
     assert len(failed) == 1 and failed[0]["what"] == "store"
     assert "closed" in failed[0]["error"]
 

@@ -6,14 +6,13 @@ checks, never assert on how long anything took.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from distilld.log import configure_logging
 from distilld.scheduler import MonitorJob, MonitorScheduler
+from support.logs import Event, named
 
 
 class Calls:
@@ -46,9 +45,8 @@ def scheduler_factory() -> Iterator[list[MonitorScheduler]]:
 
 
 def test_checks_run_on_their_interval_and_survive_a_failure(
-    scheduler_factory: list[MonitorScheduler], capsys: pytest.CaptureFixture[str]
+    scheduler_factory: list[MonitorScheduler], logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     failing = Calls(fail_on={1}, target=3)
     healthy = Calls(fail_on=set(), target=2)
     scheduler = MonitorScheduler(
@@ -69,8 +67,7 @@ def test_checks_run_on_their_interval_and_survive_a_failure(
     assert stats["reviews"]["last_error"] == "RuntimeError: check 1 failed"
     assert stats["addresses"]["failures"] == 0
 
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    failed = [line for line in lines if line["event"] == "monitor.check_failed"]
+    failed = named(logs, "monitor.check_failed")
     assert len(failed) == 1
     assert failed[0]["alert"] is True
     assert failed[0]["task"] == "reviews"
@@ -79,9 +76,8 @@ def test_checks_run_on_their_interval_and_survive_a_failure(
 
 
 def test_run_now_returns_the_outcome_and_raises_a_failure(
-    scheduler_factory: list[MonitorScheduler], capsys: pytest.CaptureFixture[str]
+    scheduler_factory: list[MonitorScheduler], logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     check = Calls(fail_on={2}, target=1)
     # A long interval: only the on-demand runs happen during this test.
     scheduler = MonitorScheduler([MonitorJob("reviews", 3600.0, check)])
@@ -93,8 +89,7 @@ def test_run_now_returns_the_outcome_and_raises_a_failure(
     assert scheduler.run_now("reviews") == "outcome 3"
     with pytest.raises(KeyError, match="no monitor job"):
         scheduler.run_now("unknown")
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    failed = [line for line in lines if line["event"] == "monitor.check_failed"]
+    failed = named(logs, "monitor.check_failed")
     assert [line["trigger"] for line in failed] == ["on_demand"]
 
 
@@ -110,9 +105,8 @@ def test_jobs_are_checked() -> None:
 
 
 def test_housekeeping_jobs_run_on_their_interval_and_survive_a_failure(
-    scheduler_factory: list[MonitorScheduler], capsys: pytest.CaptureFixture[str]
+    scheduler_factory: list[MonitorScheduler], logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     sweep = Calls(fail_on={1}, target=3)
     scheduler = MonitorScheduler([])
     scheduler_factory.append(scheduler)
@@ -122,8 +116,7 @@ def test_housekeeping_jobs_run_on_their_interval_and_survive_a_failure(
     scheduler.start()
     assert sweep.reached.wait(60), "the job stopped after its first failure"
     scheduler.stop()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    failed = [line for line in lines if line["event"] == "scheduler.job_failed"]
+    failed = named(logs, "scheduler.job_failed")
     assert [(line["job"], line["error"]) for line in failed] == [
         ("retention", "RuntimeError: check 1 failed")
     ]

@@ -1,6 +1,6 @@
 """The alert sink: where the policy evaluation's breach and recovery events go.
 
-Each check's verdicts go through :func:`distilld.policy.evaluate.transition`
+Each check's verdicts go through :func:`distilld.monitoring.evaluate.transition`
 with the task's current alert state; every event it returns is
 
 1. logged as one structlog JSON alert line (``monitor.breach`` or
@@ -32,9 +32,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from distilld.log import alert, get_logger
-from distilld.monitoring.accuracy import OVERALL
-from distilld.policy.evaluate import (
+from distilld.log import get_logger
+from distilld.monitoring.evaluate import (
     DRIFT_METRIC,
     AlertKey,
     AlertState,
@@ -42,9 +41,11 @@ from distilld.policy.evaluate import (
     Verdict,
     transition,
 )
-from distilld.policy.evaluate import AlertEvent as Event
+from distilld.monitoring.evaluate import AlertEvent as Event
 from distilld.store.base import AlertEvent as StoredAlert
 from distilld.store.base import SampleStore
+from distilld.telemetry.alerts import alert
+from distilld.vocabulary import OVERALL, joined_segment_label, split_segment_label
 
 Send = Callable[[str, bytes], None]
 """Produces one record: ``send(topic, value)``; e.g. a KafkaProducer's send, wrapped."""
@@ -76,7 +77,7 @@ def segment_dict(segment: str) -> dict[str, str] | None:
     """A verdict's segment label as the store keeps it: "all" -> None, "k=v" -> {k: v}."""
     if segment == OVERALL:
         return None
-    key, _, value = segment.partition("=")
+    key, value = split_segment_label(segment) or (segment, "")
     return {key: value}
 
 
@@ -84,7 +85,7 @@ def segment_label(segment: dict[str, str] | None) -> str:
     """The inverse of :func:`segment_dict`."""
     if not segment:
         return OVERALL
-    return ",".join(f"{k}={v}" for k, v in sorted(segment.items()))
+    return joined_segment_label(segment)
 
 
 def event_fields(event: Event) -> dict[str, Any]:
@@ -128,6 +129,8 @@ class AlertSink:
         self._clock = clock
         self._lock = threading.Lock()
         self._states: dict[str, AlertState] = {}
+        # Keys that recovered in this process (the breach gauge reports them as 0).
+        self._recovered: dict[str, set[AlertKey]] = {}
         self._log = get_logger("alerts")
         for task in tasks:
             self._states[task] = self._restore(task)
@@ -137,6 +140,16 @@ class AlertSink:
         with self._lock:
             return self._state(task)
 
+    def breaches(self, task: str) -> dict[tuple[str, str], bool]:
+        """The task's breach states by (metric, segment): True while open, False for
+        those that recovered since the daemon started (``distilld_policy_breach``)."""
+        with self._lock:
+            open_keys = self._state(task).breached
+            recovered = set(self._recovered.get(task, ()))
+        states = {(k.metric, k.segment): False for k in recovered}
+        states.update({(k.metric, k.segment): True for k in open_keys})
+        return states
+
     def handle(self, task: str, verdicts: Sequence[Verdict]) -> list[Event]:
         """Apply one check's verdicts; emit and return the events (new breaches, recoveries)."""
         others = sorted({v.task for v in verdicts if v.task != task})
@@ -145,6 +158,13 @@ class AlertSink:
         with self._lock:
             state, events = transition(self._state(task), verdicts)
             self._states[task] = state
+            recovered = self._recovered.setdefault(task, set())
+            recovered.update(
+                AlertKey(e.task, e.metric, e.segment)
+                for e in events
+                if e.kind is EventKind.recovered
+            )
+            recovered.difference_update(state.breached)
         for event in events:
             self._emit(event)
         return events

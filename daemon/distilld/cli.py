@@ -1,9 +1,9 @@
-"""Command line: parse arguments, call one function, turn DistilldError into a clear message."""
+"""Command line: parse arguments, call one function (a command of distilld/commands, or
+distilld.lifecycle.run_forever), turn DistilldError into a clear message."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,41 +130,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    # Each command imports only what it needs (see distilld/commands/__init__.py).
+    policies_dir: Path = getattr(args, "policies", None) or settings.policies_dir
     if args.command == "policy":
-        return _policy(args, settings)
+        from distilld.commands import policy
+
+        if args.policy_command == "schema":
+            return policy.schema()
+        return policy.validate(settings, list(args.paths))
     if args.command == "run":
-        from distilld.app import run_forever
+        from distilld.lifecycle import run_forever
         from distilld.policy.load import load_policies
 
-        policies_dir = args.policies or settings.policies_dir
         run_forever(settings, load_policies(policies_dir), policies_dir)
         return 0
     if args.command == "replay":
-        from distilld.traffic.replay import iter_jsonl_lines, replay
+        from distilld.commands.replay import replay_file
 
-        if not args.file.is_file():
-            raise DistilldError(f"replay file {args.file} does not exist or is not a file")
-        kafka = settings.kafka(args.bootstrap_servers)
-        result = replay(kafka, iter_jsonl_lines(args.file), args.topic, args.rate, args.limit)
-        print(
-            json.dumps(
-                {
-                    "sent": result.sent,
-                    "seconds": round(result.seconds, 3),
-                    "rate": round(result.rate, 1),
-                    "topic": args.topic,
-                }
-            )
+        return replay_file(
+            settings, args.file, args.topic, args.rate, args.limit, args.bootstrap_servers
         )
-        return 0
     if args.command == "check":
-        return _check(args, settings)
+        from distilld.commands.check import check
+
+        return check(settings, policies_dir, list(args.tasks))
     if args.command == "status":
-        return _status(args, settings)
+        from distilld.commands.status import status
+
+        return status(settings, policies_dir, list(args.tasks), args.json)
     if args.command == "report":
-        return _report(args, settings)
-    if args.command in ("retrain", "versions", "promote", "rollback"):
-        return _registry_command(args, settings)
+        from distilld.commands.report import report
+
+        return report(settings, policies_dir, args.out)
+    if args.command == "retrain":
+        from distilld.commands.retrain import retrain
+
+        return retrain(settings, policies_dir, args.task)
+    if args.command in ("versions", "promote", "rollback"):
+        from distilld.commands import registry
+
+        if args.command == "versions":
+            return registry.versions(settings, args.task, args.json)
+        if args.command == "promote":
+            return registry.promote(settings, args.task, args.version)
+        return registry.rollback(settings, args.task)
     if args.command == "demo":
         from distilld.demo.run import run_demo
 
@@ -172,165 +181,3 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             settings, rate=args.rate, shift_after=args.shift_after, timeout_s=args.timeout
         )
     raise AssertionError(f"unhandled command {args.command}")
-
-
-def _check(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 when every verdict is ok or has too little data, 3 when something is breached."""
-    from distilld.app import check_once
-    from distilld.policy.load import load_policies
-
-    policies = load_policies(args.policies or settings.policies_dir)
-    outcomes = check_once(settings, policies, list(args.tasks) or None)
-    breached = False
-    for outcome in outcomes:
-        for verdict in outcome.verdicts:
-            breached |= verdict.status.value == "breach"
-            value = "-" if verdict.value is None else f"{verdict.value:.3f}"
-            print(
-                f"{outcome.task}: {verdict.metric} {verdict.segment}: "
-                f"{verdict.status.value} (value {value}, threshold {verdict.threshold})"
-            )
-        if outcome.drift_note:
-            print(f"{outcome.task}: drift: {outcome.drift_note}")
-        if outcome.report_dir is not None:
-            print(f"{outcome.task}: report {outcome.report_dir}")
-    return 3 if breached else 0
-
-
-def _status(args: argparse.Namespace, settings: Settings) -> int:
-    import dataclasses
-
-    from distilld.app import existing_store
-    from distilld.policy.load import load_policies
-    from distilld.registry import ModelRegistry
-    from distilld.status import format_status, task_status
-
-    policies = load_policies(args.policies or settings.policies_dir)
-    unknown = sorted(set(args.tasks) - set(policies))
-    if unknown:
-        raise ConfigError(f"no policy for task(s) {unknown}; known tasks: {sorted(policies)}")
-    store = existing_store(settings)
-    try:
-        for task in args.tasks or sorted(policies):
-            root = settings.registry_root / task
-            registry = ModelRegistry(root) if root.is_dir() else None
-            status = task_status(policies[task], store, registry=registry)
-            if args.json:
-                print(json.dumps(dataclasses.asdict(status), default=str))
-            else:
-                print(format_status(status))
-    finally:
-        store.close()
-    return 0
-
-
-def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from distilld.app import existing_store
-    from distilld.policy.load import load_policies
-    from distilld.registry import ModelRegistry
-    from distilld.report import write_report
-
-    policies = load_policies(args.policies or settings.policies_dir)
-    registries = {
-        task: ModelRegistry(settings.registry_root / task)
-        if (settings.registry_root / task).is_dir()
-        else None
-        for task in policies
-    }
-    store = existing_store(settings)
-    try:
-        out = write_report(
-            policies,
-            store,
-            registries,
-            settings.reports_dir,
-            args.out or settings.state_dir / "report.html",
-        )
-    finally:
-        store.close()
-    print(f"report written to {out}")
-    return 0
-
-
-def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
-    from distilld.registry import ModelRegistry
-
-    if args.command == "retrain":
-        from distilld.policy.load import load_policies
-        from distilld.retrain.manager import request_retraining
-
-        policies = load_policies(args.policies or settings.policies_dir)
-        policy = policies.get(args.task)
-        if policy is None:
-            raise ConfigError(f"no policy for task {args.task!r}; known tasks: {sorted(policies)}")
-        if policy.retraining is None or not policy.retraining.enabled:
-            raise ConfigError(
-                f"task {args.task!r} does not retrain: its policy has no enabled retraining section"
-            )
-        path = request_retraining(settings.requests_dir, args.task)
-        print(
-            f"retraining of {args.task!r} requested ({path}); the running daemon starts it "
-            "within seconds: follow its alert log (retrain.started, retrain.promoted ...)"
-        )
-        return 0
-    root = settings.registry_root / args.task
-    if not root.is_dir():
-        raise ConfigError(
-            f"no model registry for task {args.task!r} at {root}: the daemon has not run this "
-            f"task with retraining (DISTILLD_STATE_DIR={settings.state_dir}, "
-            f"DISTILLD_REGISTRY_DIR={settings.registry_dir})"
-        )
-    registry = ModelRegistry(root)
-    if args.command == "versions":
-        live = registry.live_version()
-        for manifest in registry.list():
-            if args.json:
-                print(json.dumps(manifest.to_dict(), default=str))
-            else:
-                marker = "*" if manifest.version == live else " "
-                summary = manifest.metrics.get("gate_summary", "")
-                print(f"{marker} {manifest.version:<24} {manifest.state:<12} {summary}")
-        return 0
-    promoting = args.command == "promote"
-    manifest = registry.promote(args.version) if promoting else registry.rollback()
-    print(f"{args.task}: {manifest.version} is live; the running daemon switches within seconds")
-    return 0
-
-
-def _policy(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 when every policy is valid and can start here, 2 otherwise. Besides the
-    schema, each policy gets the daemon's preflight in this environment (teacher
-    secrets, model directories under DISTILLD_MODELS_DIR, vLLM settings); what only
-    the running daemon can check is printed as 'not checked' lines."""
-    from distilld.policy.load import load_policies, load_policy, policy_json_schema
-    from distilld.preflight import check_policies
-
-    if args.policy_command == "schema":
-        print(json.dumps(policy_json_schema(), indent=2))
-        return 0
-    problems: list[str] = []
-    for path in args.paths:
-        try:
-            if path.is_dir():
-                found = load_policies(path)
-            else:
-                policy = load_policy(path)
-                found = {policy.task: policy}
-        except PolicyError as exc:
-            problems.extend(exc.problems or [str(exc)])
-            continue
-        for task in sorted(found):
-            report = check_policies(settings, {task: found[task]}, models_dir_required=False)
-            problems.extend(f"{path}: {problem}" for problem in report.problems)
-            if not report.problems:
-                print(f"ok: {path}: task {task!r}")
-            for line in report.not_checked:
-                print(f"  not checked here: {line}")
-            for line in found[task].warnings():  # valid, but will not work as written
-                print(f"  warning: {path}: task {task!r}: {line}")
-    if problems:
-        print("distilld: invalid policy:", file=sys.stderr)
-        for line in problems:
-            print(f"  - {line}", file=sys.stderr)
-        return 2
-    return 0

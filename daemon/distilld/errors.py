@@ -58,6 +58,37 @@ class BackendUnavailable(BackendError):
     giving up on the requests."""
 
 
+class EndpointUnavailable(BackendUnavailable):
+    """An HTTP endpoint (a vLLM server, an OpenAI-compatible API) did not answer
+    (connection refused, timeout), answered HTTP 5xx, 408 or 429, or sent a body
+    that is not the JSON expected. ``status`` is the HTTP status of an error
+    answer (5xx, 408, 429), None when there was none. Raised by
+    :mod:`distilld.openai_http`."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def server_error(self) -> bool:
+        """True when the server answered, with HTTP 5xx."""
+        return self.status is not None and self.status >= 500
+
+
+class EndpointRefused(BackendError):
+    """An HTTP endpoint refused a request with HTTP 4xx (other than 408 and 429): the
+    request (its input, the model it names, the key) is the problem, so sending it
+    again unchanged will not help. ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EndpointAuthRefused(EndpointRefused):
+    """HTTP 401 or 403: the endpoint wants an API key that was not sent or is wrong."""
+
+
 class MonitoringError(DistilldError):
     """A monitor could not measure, so no verdict is given for that check.
 

@@ -1,8 +1,9 @@
 """Structured JSON logging with structlog: one line per event on stdout.
 
 This module owns the process-global logging configuration (structlog keeps it
-globally); nothing else configures logging. Alert events carry ``alert: true``
-so an operator can filter the alert log with one expression (``jq 'select(.alert)'``).
+globally); nothing else configures logging. Alert events go through
+:func:`distilld.telemetry.alerts.alert`, which marks them ``alert: true`` so an operator
+can filter the alert log with one expression (``jq 'select(.alert)'``).
 Every string in an event is cut to :data:`distilld.echo.LOG_FIELD_CHARS`
 before it is rendered, so no received value makes a line of unbounded length.
 """
@@ -70,8 +71,3 @@ class _StdoutLogger:
 def get_logger(component: str) -> Any:
     """A bound logger tagged with the component name."""
     return structlog.get_logger().bind(component=component)
-
-
-def alert(logger: Any, event: str, *, severity: str = "warning", **fields: Any) -> None:
-    """Log an alert event: marked ``alert: true`` and with a severity."""
-    logger.warning(event, alert=True, severity=severity, **fields)

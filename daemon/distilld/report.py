@@ -30,6 +30,7 @@ from distilld.monitoring.accuracy import pool_rare_values
 from distilld.policy.model import Policy
 from distilld.registry import ModelRegistry
 from distilld.store.base import SampleStore
+from distilld.vocabulary import segment_label
 
 __all__ = ["TaskReport", "render", "task_report", "write_report"]
 
@@ -177,7 +178,7 @@ def _segments(comparisons: Sequence[Any], max_values: int) -> list[tuple[str, fl
         if c.score is None:
             continue
         for key, value in sorted(c.segment.items()):
-            groups[f"{key}={value}"].append(c.score)
+            groups[segment_label(key, value)].append(c.score)
     # At most max_values per key, as the accuracy monitor reports them.
     pooled = pool_rare_values(groups, max_values)
     return sorted((label, sum(v) / len(v), len(v)) for label, v in pooled.items() if v)

@@ -38,7 +38,8 @@ from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
     BackgroundScheduler,
 )
 
-from distilld.log import alert, get_logger
+from distilld.log import get_logger
+from distilld.telemetry.alerts import alert
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from distilld.monitoring.evaluate import DRIFT_METRIC
 from distilld.monitoring.measure import current_accuracy
-from distilld.policy.evaluate import DRIFT_METRIC
 from distilld.policy.model import Policy
 from distilld.registry import ModelRegistry
 from distilld.store.base import AlertEvent, SampleStore
+from distilld.vocabulary import joined_segment_label
 
 #: The traffic rate is averaged over this many seconds.
 RATE_WINDOW_S = 300.0
@@ -159,10 +160,6 @@ def format_status(status: TaskStatus) -> str:
             when = datetime.fromtimestamp(event.created_at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
             value = f" value={event.value:.3f}" if event.value is not None else ""
             threshold = f" threshold={event.threshold:.3f}" if event.threshold is not None else ""
-            segment = (
-                " segment=" + ",".join(f"{k}={v}" for k, v in sorted(event.segment.items()))
-                if event.segment
-                else ""
-            )
+            segment = " segment=" + joined_segment_label(event.segment) if event.segment else ""
             lines.append(f"    {when}Z {event.kind} {event.metric}{segment}{value}{threshold}")
     return "\n".join(lines)

@@ -29,13 +29,12 @@ from typing import Any
 import pytest
 import yaml
 
-from distilld.app import RunningDaemon, running_daemon
 from distilld.assets import minilm_dir
 from distilld.demo.data import LABELS, Row, load_rows
-from distilld.log import configure_logging
+from distilld.lifecycle import RunningDaemon, running_daemon
+from distilld.monitoring.evaluate import DRIFT_METRIC, Status, Verdict
 from distilld.monitoring.features import REFERENCE_FILE
 from distilld.monitoring.measure import SUMMARY_JSON, CheckOutcome
-from distilld.policy.evaluate import DRIFT_METRIC, Status, Verdict
 from distilld.policy.load import load_policy
 from distilld.policy.model import Policy
 from distilld.teacher.config import TransformersTeacherConfig
@@ -43,6 +42,7 @@ from distilld.teacher.local import LocalTeacher
 from distilld.traffic.broker import EmbeddedBroker
 from support.daemon import answer_all, compare_all, request, settle
 from support.kafka import ServedTask, sentiment_task, unique
+from support.logs import Event
 from support.models import sentiment_training_rows
 
 # No scheduled check during a test: every check is run on demand.
@@ -143,10 +143,9 @@ def by_segment(outcome: CheckOutcome, metric: str) -> dict[str, Verdict]:
     return {v.segment: v for v in outcome.verdicts if v.metric == metric}
 
 
-def logged_alerts(output: str, task: str) -> list[dict[str, Any]]:
-    """The alert lines of ``task`` in captured stdout (one JSON event per line)."""
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("alert") and line.get("task") == task]
+def logged_alerts(entries: list[Event], task: str) -> list[Event]:
+    """The alert events of ``task`` among the captured log events."""
+    return [e for e in entries if e.get("alert") and e.get("task") == task]
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -200,12 +199,11 @@ def test_drift_alert_fires_once_when_plot_summaries_replace_reviews(
     broker: EmbeddedBroker,
     trained_sentiment_dir: Path,
     corpus: Corpus,
-    capsys: pytest.CaptureFixture[str],
+    logs: list[Event],
 ) -> None:
     # The trained student ships with its drift reference: its training reviews,
     # described, with its own answers on them (distilld.demo.student).
     assert (trained_sentiment_dir / REFERENCE_FILE).is_file()
-    configure_logging("INFO", "json")
     window = 240
     served = serve(
         tmp_path,
@@ -258,7 +256,7 @@ def test_drift_alert_fires_once_when_plot_summaries_replace_reviews(
     # Still drifted at the next check, but the breach is reported once.
     assert [v.status for v in again.verdicts] == [Status.breach]
     assert [(a.kind, a.metric, a.segment) for a in alerts] == [("breach", DRIFT_METRIC, None)]
-    logged = logged_alerts(capsys.readouterr().out, task)
+    logged = logged_alerts(logs, task)
     assert [(e["event"], e["metric"], e["segment"]) for e in logged] == [
         ("monitor.breach", DRIFT_METRIC, "all")
     ]
@@ -302,9 +300,8 @@ def test_accuracy_alert_fires_for_a_student_that_cannot_do_the_task(
     minilm_sentiment_dir: Path,
     trained_sentiment_dir: Path,
     corpus: Corpus,
-    capsys: pytest.CaptureFixture[str],
+    logs: list[Event],
 ) -> None:
-    configure_logging("INFO", "json")
     count = 100
     served = serve(
         tmp_path,
@@ -328,7 +325,7 @@ def test_accuracy_alert_fires_for_a_student_that_cannot_do_the_task(
     assert [(a.kind, a.metric, a.segment) for a in alerts if a.segment is None] == [
         ("breach", "agreement", None)
     ]
-    logged = [e for e in logged_alerts(capsys.readouterr().out, task) if e["segment"] == "all"]
+    logged = [e for e in logged_alerts(logs, task) if e["segment"] == "all"]
     assert [(e["event"], e["metric"], e["severity"]) for e in logged] == [
         ("monitor.breach", "agreement", "critical")
     ]
@@ -340,12 +337,11 @@ def test_a_segment_only_failure_is_caught_while_overall_agreement_passes(
     broker: EmbeddedBroker,
     trained_sentiment_dir: Path,
     corpus: Corpus,
-    capsys: pytest.CaptureFixture[str],
+    logs: list[Event],
 ) -> None:
     # The same trained model as student and teacher, but the student reads only
     # the first 6 word pieces: it matches the teacher on tiny reviews, which it
     # sees whole, and falls behind on long ones.
-    configure_logging("INFO", "json")
     tiny, long = corpus.tiny_reviews[:150], corpus.long_reviews[:90]
     threshold = 0.85
     served = serve(
@@ -366,7 +362,7 @@ def test_a_segment_only_failure_is_caught_while_overall_agreement_passes(
         stats = compare_all(daemon, served, rows)
         outcome = check(daemon, task)
         alerts = daemon.monitoring.store.last_alerts(task)
-    logged = logged_alerts(capsys.readouterr().out, task)
+    logged = logged_alerts(logs, task)
 
     assert stats["compared"] == len(rows), stats
     verdicts = by_segment(outcome, "agreement")
@@ -471,12 +467,11 @@ def test_a_failing_teacher_never_costs_an_answer(
     broker: EmbeddedBroker,
     minilm_sentiment_dir: Path,
     corpus: Corpus,
-    capsys: pytest.CaptureFixture[str],
+    logs: list[Event],
     teacher_url: str,
     alert_event: str,
     alert_kind: str,
 ) -> None:
-    configure_logging("INFO", "json")
     count = 80
     served = serve(
         tmp_path,
@@ -519,7 +514,7 @@ def test_a_failing_teacher_never_costs_an_answer(
     # Nothing was compared, and the teacher's trouble was reported once.
     assert stats["compared"] == 0, stats
     assert [a.kind for a in alerts] == [alert_kind]
-    events = [e["event"] for e in logged_alerts(capsys.readouterr().out, task)]
+    events = [e["event"] for e in logged_alerts(logs, task)]
     assert events == [alert_event]
     if alert_kind == "teacher_unavailable":
         assert stats["paused"] > 0, stats

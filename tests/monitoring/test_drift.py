@@ -19,8 +19,8 @@ import pytest
 from distilld.demo.data import load_rows
 from distilld.monitoring.config import DriftMonitorConfig, MonitorsConfig
 from distilld.monitoring.drift import MonitoringError, measure_drift, select_columns
+from distilld.monitoring.evaluate import Status, drift_verdict
 from distilld.monitoring.features import Reference, describe, fit_reference
-from distilld.policy.evaluate import Status, drift_verdict
 
 CONFIG = DriftMonitorConfig(window=500, min_samples=200)
 WINDOW = 500

@@ -16,9 +16,9 @@ import pytest
 
 from distilld.demo.data import Row, load_rows
 from distilld.monitoring.config import MonitorsConfig
+from distilld.monitoring.evaluate import DRIFT_METRIC, Status, Verdict
 from distilld.monitoring.features import Reference, fit_reference
 from distilld.monitoring.measure import SUMMARY_JSON, run_check
-from distilld.policy.evaluate import DRIFT_METRIC, Status, Verdict
 from distilld.shadow.compare import compare
 from distilld.store.base import StoredComparison, TrafficSample
 from distilld.store.sqlite import SqliteStore

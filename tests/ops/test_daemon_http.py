@@ -13,14 +13,16 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from distilld import app
-from distilld.app import running_daemon
+from distilld import __version__, lifecycle
 from distilld.errors import ConfigError
-from distilld.log import configure_logging
+from distilld.lifecycle import running_daemon
 from distilld.settings import Settings
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import write_sentiment_policy
+from support.logs import Event, named, rendered
+from support.metrics import samples, value
+from support.wait import wait_until
 
 TOKEN = "adm-9c1e77-planted-token-b4f0"
 
@@ -30,9 +32,9 @@ def test_a_running_daemon_serves_health_readiness_metrics_and_a_guarded_admin_ap
     tmp_path: Path,
     broker: EmbeddedBroker,
     minilm_sentiment_dir: Path,
+    debug_logs: list[Event],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    configure_logging("DEBUG", "json")
     served = write_sentiment_policy(tmp_path, minilm_sentiment_dir)
     task = served.policy.task
     settings = served.settings(broker).model_copy(
@@ -61,13 +63,34 @@ def test_a_running_daemon_serves_health_readiness_metrics_and_a_guarded_admin_ap
         )
         metrics = httpx.get(f"{url}/metrics")
         assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-        text = metrics.text
-        assert f'distilld_requests_total{{task="{task}"}} 10' in text
-        assert f'distilld_request_latency_seconds_count{{task="{task}"}} 10' in text
-        assert (
-            f'distilld_live_version_info{{task="{task}",version="{minilm_sentiment_dir.name}"}} 1'
-            in text
+        scraped = samples(metrics.text)
+        assert value(scraped, "distilld_requests_total", task=task) == 10
+        assert value(scraped, "distilld_request_latency_seconds_count", task=task) == 10
+        live = value(
+            scraped, "distilld_live_version_info", task=task, version=minilm_sentiment_dir.name
         )
+        assert live == 1
+        assert value(scraped, "distilld_build_info", version=__version__) == 1
+        assert any(name.startswith("process_") for name, _ in scraped)
+
+        # Every request was polled: the consumer lag of the requests topic (measured
+        # every few seconds by the loop) comes down to 0.
+        requests_topic = served.policy.traffic.requests_topic
+
+        def lag() -> list[float]:
+            found = samples(httpx.get(f"{url}/metrics").text)
+            return [
+                v
+                for (name, labels), v in found.items()
+                if name == "distilld_consumer_lag_records"
+                and dict(labels)["topic"] == requests_topic
+            ]
+
+        def caught_up() -> bool:
+            measured = lag()
+            return bool(measured) and all(v == 0 for v in measured)
+
+        wait_until(caught_up, timeout=30, message=lambda: f"a consumer lag of 0, saw {lag()}")
 
         # The admin API, reading included, needs the token.
         assert httpx.get(f"{url}/admin/status").status_code == 401
@@ -89,8 +112,9 @@ def test_a_running_daemon_serves_health_readiness_metrics_and_a_guarded_admin_ap
         assert unknown.status_code == 404
         shown = [right.text, wrong.text, unknown.text, str(status), repr(daemon.ops)]
 
-    output = capsys.readouterr()
-    for text in [*shown, output.out, output.err]:
+    assert named(debug_logs, "ops.request")  # the requests were logged
+    output = capsys.readouterr()  # whatever else wrote to the streams (stdlib logging)
+    for text in [*shown, rendered(debug_logs), output.out, output.err]:
         assert TOKEN not in text
 
 
@@ -100,12 +124,12 @@ def test_a_short_admin_token_stops_the_start_before_the_broker(
     def fake_kafka_connection(*_: object, **__: object) -> None:
         raise AssertionError("the broker was started despite the short admin token")
 
-    monkeypatch.setattr(app, "kafka_connection", fake_kafka_connection)
+    monkeypatch.setattr(lifecycle, "kafka_connection", fake_kafka_connection)
     settings = Settings(
         state_dir=tmp_path / "state",
         policy_reload_s=0,
         admin_token=SecretStr("too-short-123"),
     )
     with pytest.raises(ConfigError, match="is 13 characters long; expected at least 16") as info:
-        app.serve(settings, {}, threading.Event(), tmp_path)
+        lifecycle.serve(settings, {}, threading.Event(), tmp_path)
     assert "too-short-123" not in str(info.value)

@@ -1,6 +1,6 @@
 """The ops HTTP server, called over real HTTP on a free loopback port.
 
-Probes, the metrics collector and the admin actions are stand-ins (``Fake*``,
+Probes, the metrics snapshot and the admin actions are stand-ins (``Fake*``,
 ``fake_*``): they record calls or raise the errors the real ones raise.
 """
 
@@ -16,22 +16,20 @@ from typing import Any
 
 import httpx
 import pytest
-import structlog
 from pydantic import SecretStr
 
 from distilld.errors import ConfigError, RegistryError, StoreError
-from distilld.log import configure_logging
 from distilld.ops import (
     AdminActions,
-    MetricsSnapshot,
     NotFoundError,
     OpsConfig,
     OpsServer,
     Probe,
     ProbeResult,
-    TaskMetrics,
-    render,
 )
+from distilld.telemetry.metrics import DaemonTelemetry, MetricsSnapshot, TaskMetrics
+from support.logs import Event, named, rendered
+from support.metrics import samples, value
 
 TOKEN = "tok-3f9a1c-planted-secret-7d2e"
 
@@ -105,7 +103,7 @@ def start() -> Iterator[StartServer]:
         server = OpsServer(
             OpsConfig(port=0, admin_token=token, **config),
             probes,
-            collect,
+            DaemonTelemetry(collect),
             FakeAdmin() if admin is None else admin,
         )
         servers.append(server.start())
@@ -114,16 +112,6 @@ def start() -> Iterator[StartServer]:
     yield _start
     for server in servers:
         server.stop()
-
-
-@pytest.fixture
-def debug_logs() -> Iterator[None]:
-    """Debug-level JSON logs on stdout for the test; the previous configuration after."""
-    saved = structlog.get_config()
-    configure_logging("DEBUG", "json")
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**saved)
 
 
 def bearer(token: str = TOKEN) -> dict[str, str]:
@@ -223,7 +211,7 @@ def test_readiness_follows_the_probes(start: StartServer, http: httpx.Client) ->
 # ------------------------------------------------------------------ metrics
 
 
-def test_metrics_are_the_rendered_snapshot_collected_at_each_scrape(
+def test_metrics_are_the_registry_exposition_collected_at_each_scrape(
     start: StartServer, http: httpx.Client
 ) -> None:
     counter = {"n": 0}
@@ -236,13 +224,13 @@ def test_metrics_are_the_rendered_snapshot_collected_at_each_scrape(
     first = http.get(f"{server.url}/metrics")
     assert first.status_code == 200
     assert first.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    assert first.text == render(MetricsSnapshot({"sentiment": TaskMetrics(requests=1)}))
+    assert value(samples(first.text), "distilld_requests_total", task="sentiment") == 1
     second = http.get(f"{server.url}/metrics")
-    assert 'distilld_requests_total{task="sentiment"} 2' in second.text.splitlines()
+    assert value(samples(second.text), "distilld_requests_total", task="sentiment") == 2
 
 
 def test_a_failing_collector_gives_a_json_500_without_traceback(
-    start: StartServer, http: httpx.Client, debug_logs: None, capsys: pytest.CaptureFixture[str]
+    start: StartServer, http: httpx.Client, debug_logs: list[Event]
 ) -> None:
     def fake_broken_collect() -> MetricsSnapshot:
         raise KeyError("stats of a loop that is gone")
@@ -254,10 +242,9 @@ def test_a_failing_collector_gives_a_json_500_without_traceback(
     assert body["error"] == "internal error; see the daemon log"
     assert "loop that is gone" not in reply.text
     assert "Traceback" not in reply.text
-    out = capsys.readouterr().out
-    assert body["error_id"] in out
-    assert "ops.request_failed" in out
-    assert "Traceback" in out  # the log has it
+    (failed,) = named(debug_logs, "ops.request_failed")
+    assert failed["error_id"] == body["error_id"]
+    assert "Traceback" in failed["exception"]  # the log has it
 
 
 # ------------------------------------------------------------------ admin API
@@ -432,7 +419,9 @@ def test_an_unexpected_admin_failure_is_a_500_without_details(
 
 
 def test_without_admin_actions_the_admin_api_is_404(http: httpx.Client) -> None:
-    with OpsServer(OpsConfig(port=0, admin_token=TOKEN), collect=fake_collect) as server:
+    with OpsServer(
+        OpsConfig(port=0, admin_token=TOKEN), metrics=DaemonTelemetry(fake_collect)
+    ) as server:
         assert http.get(f"{server.url}/admin/status", headers=bearer()).status_code == 404
         reply = http.post(f"{server.url}/admin/rollback/sentiment", headers=bearer())
         assert reply.status_code == 404
@@ -509,7 +498,7 @@ def test_a_query_string_does_not_change_the_route(start: StartServer, http: http
 def test_the_token_never_appears_in_logs_bodies_headers_or_reprs(
     start: StartServer,
     http: httpx.Client,
-    debug_logs: None,
+    debug_logs: list[Event],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     class FakeEchoingAdmin(FakeAdmin):
@@ -561,10 +550,11 @@ def test_the_token_never_appears_in_logs_bodies_headers_or_reprs(
     assert TOKEN not in repr(server)
     assert TOKEN not in repr(config.token)
     server.stop()
-    captured = capsys.readouterr()
-    assert "ops.request" in captured.out  # debug request logs were written
-    assert "ops.request_failed" in captured.out
-    assert "ops.admin_unauthorized" in captured.out
+    assert named(debug_logs, "ops.request")  # debug request logs were written
+    assert named(debug_logs, "ops.request_failed")
+    assert named(debug_logs, "ops.admin_unauthorized")
+    assert TOKEN not in rendered(debug_logs)
+    captured = capsys.readouterr()  # whatever else wrote to the streams (stdlib logging)
     assert TOKEN not in captured.out
     assert TOKEN not in captured.err
 

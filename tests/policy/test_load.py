@@ -18,9 +18,11 @@ import yaml
 
 from distilld.cli import main
 from distilld.errors import PolicyError
+from distilld.models.prompting import render_prompt
 from distilld.policy.load import load_policies, load_policy, policy_json_schema
-from distilld.policy.model import Architecture, Policy, TaskKind
+from distilld.policy.model import Architecture, Policy
 from distilld.teacher.config import OpenAITeacherConfig, TransformersTeacherConfig
+from distilld.vocabulary import TaskKind
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_POLICIES = REPO_ROOT / "policies"
@@ -143,7 +145,9 @@ def test_shipped_policies_load() -> None:
     assert extraction[0].student.architecture is Architecture.causal_lm
     assert extraction[0].output_schema is not None
     assert {"street", "city", "state", "zip"} <= set(extraction[0].output_schema["properties"])
-    assert "12 Main St" in extraction[0].render_prompt("12 Main St, Springfield IL 62701")
+    assert extraction[0].prompt is not None
+    rendered = render_prompt(extraction[0].prompt, "12 Main St, Springfield IL 62701")
+    assert "12 Main St" in rendered
 
 
 @pytest.mark.parametrize("path", sorted(SHIPPED_POLICIES.glob("*.y*ml")), ids=lambda p: p.name)

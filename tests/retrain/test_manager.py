@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from distilld.alerts import AlertSink
-from distilld.policy.evaluate import Status, Verdict
+from distilld.monitoring.evaluate import Status, Verdict
 from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig

@@ -11,17 +11,15 @@ run on demand (``scheduler.run_now``); the manager ticks every half second.
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from distilld.app import RunningDaemon, running_daemon
 from distilld.demo.data import Row, load_rows
-from distilld.policy.evaluate import Status
+from distilld.lifecycle import RunningDaemon, running_daemon
+from distilld.monitoring.evaluate import Status
 from distilld.policy.load import load_policy
 from distilld.registry import ModelRegistry
 from distilld.report import write_report
@@ -33,6 +31,7 @@ from distilld.traffic.broker import EmbeddedBroker
 from support.daemon import answer_all, compare_all, request, settle
 from support.kafka import TEST_SESSION_TIMEOUT_MS, ServedTask, sentiment_task, unique
 from support.models import sentiment_training_rows
+from support.wait import wait_until
 
 HOUR_S = 3600
 JOB_TIMEOUT_S = 600
@@ -108,13 +107,6 @@ def settings_for(served: ServedTask, broker: EmbeddedBroker) -> Settings:
     )
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(0.2)
-
-
 def alerts_of(daemon: RunningDaemon, task: str) -> list[AlertEvent]:
     return list(reversed(daemon.monitoring.store.last_alerts(task, limit=200)))
 
@@ -156,9 +148,19 @@ def test_a_breach_retrains_shadows_promotes_and_the_operator_can_roll_back(
         assert statuses["agreement"] is Status.breach
 
         # 2. The breach started a retraining; a request by hand meanwhile is refused.
-        wait_until(lambda: "retrain.started" in kinds(daemon, task), 30, "retrain.started")
+        wait_until(
+            lambda: "retrain.started" in kinds(daemon, task),
+            30,
+            interval=0.2,
+            message="retrain.started",
+        )
         request_retraining(settings.requests_dir, task)
-        wait_until(lambda: "retrain.requested" in kinds(daemon, task), 30, "request picked up")
+        wait_until(
+            lambda: "retrain.requested" in kinds(daemon, task),
+            30,
+            interval=0.2,
+            message="request picked up",
+        )
         requested = next(a for a in alerts_of(daemon, task) if a.kind == "retrain.requested")
         assert requested.payload["started"] is False
         # A second breach within the cooldown starts nothing either.
@@ -170,7 +172,8 @@ def test_a_breach_retrains_shadows_promotes_and_the_operator_can_roll_back(
                 or "retrain.gate_failed" in kinds(daemon, task)
             ),
             JOB_TIMEOUT_S,
-            "the candidate in shadow",
+            interval=0.2,
+            message="the candidate in shadow",
         )
         assert kinds(daemon, task).count("retrain.started") == 1
         assert "retrain.shadow_started" in kinds(daemon, task), alerts_of(daemon, task)[-3:]
@@ -180,8 +183,15 @@ def test_a_breach_retrains_shadows_promotes_and_the_operator_can_roll_back(
         # 3. Shadow: the candidate answers the compared requests beside the live student.
         before = [r.id for r in reviews[300:400]]
         compare_all(daemon, served, reviews[300:400])
-        wait_until(lambda: registry.live_version() == candidate, 60, "promotion")
-        wait_until(lambda: served_version(daemon, task) == candidate, 60, "the switch")
+        wait_until(
+            lambda: registry.live_version() == candidate, 60, interval=0.2, message="promotion"
+        )
+        wait_until(
+            lambda: served_version(daemon, task) == candidate,
+            60,
+            interval=0.2,
+            message="the switch",
+        )
         promoted = next(a for a in alerts_of(daemon, task) if a.kind == "retrain.promoted")
         assert promoted.payload["version"] == candidate
         assert promoted.payload["previous"] == adopted
@@ -219,7 +229,12 @@ def test_a_breach_retrains_shadows_promotes_and_the_operator_can_roll_back(
 
         # 5. `distilld rollback` (the registry change it makes): the daemon follows.
         registry.rollback()
-        wait_until(lambda: served_version(daemon, task) == adopted, 60, "the rollback switch")
+        wait_until(
+            lambda: served_version(daemon, task) == adopted,
+            60,
+            interval=0.2,
+            message="the rollback switch",
+        )
         assert registry.get(candidate).state == "rolled_back"
         settle(daemon, daemon.monitoring.shadow.stats.snapshot()["offered"])
 
@@ -261,11 +276,14 @@ def test_a_cold_start_serves_with_the_teacher_then_promotes_the_first_student(
                 registry.live_version() is not None or "retrain.gate_failed" in kinds(daemon, task)
             ),
             JOB_TIMEOUT_S,
-            "the first student",
+            interval=0.2,
+            message="the first student",
         )
         version = registry.live_version()
         assert version is not None, alerts_of(daemon, task)[-3:]
-        wait_until(lambda: served_version(daemon, task) == version, 60, "the switch")
+        wait_until(
+            lambda: served_version(daemon, task) == version, 60, interval=0.2, message="the switch"
+        )
         started = next(a for a in alerts_of(daemon, task) if a.kind == "retrain.started")
         assert started.payload["trigger"] == "cold_start"
         promoted = next(a for a in alerts_of(daemon, task) if a.kind == "retrain.promoted")

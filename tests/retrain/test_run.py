@@ -39,6 +39,7 @@ from distilld.store.sqlite import SqliteStore
 from distilld.teacher.config import TransformersTeacherConfig
 from distilld.teacher.local import LocalTeacher
 from support.models import sentiment_training_rows
+from support.wait import wait_until
 
 SIZE = 240  # examples per job: small enough for a test, large enough for a 24-example test set
 
@@ -324,14 +325,14 @@ def test_sigkill_during_training_leaves_the_registry_as_it_was(
     )
     try:
         # Training has begun once the trainer's private directory exists.
-        deadline = time.monotonic() + 600
-        while not list(work.glob(".attempt-1.training-*")):
+        def training() -> bool:
             if process.poll() is not None:
                 assert process.stderr is not None
                 pytest.fail(f"the job ended early: {process.stderr.read().decode()[-3000:]}")
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
-        time.sleep(3)
+            return bool(list(work.glob(".attempt-1.training-*")))
+
+        wait_until(training, 600, interval=0.2, message="the start of training")
+        time.sleep(3)  # the kill lands a while into training (50 epochs: far from its end)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(30)
     finally:

@@ -9,14 +9,11 @@ student and teacher, training from seed inputs.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -24,12 +21,9 @@ import yaml
 from distilld.demo.data import load_rows
 from distilld.traffic.broker import EmbeddedBroker
 from support.kafka import TEST_SESSION_TIMEOUT_MS, sentiment_task, unique
+from support.logs import Event, json_lines
 from support.models import sentiment_training_rows
-
-
-def events(log: Path) -> list[dict[str, Any]]:
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    return [json.loads(line) for line in lines if line.startswith("{")]
+from support.wait import wait_until
 
 
 @pytest.mark.slow
@@ -91,22 +85,29 @@ def test_two_replicas_never_retrain_one_task_at_once(
             )
     try:
         # The cron trigger fires at the start of each minute in both replicas.
-        deadline = time.monotonic() + 200
-        while True:
-            names = [[e["event"] for e in events(log)] for log in logs]
-            started = sum(n.count("retrain.started") for n in names)
+        def fired_in_both() -> tuple[int, list[Event]] | None:
+            seen = [e for log in logs for e in json_lines(log)]
+            started = sum(e["event"] == "retrain.started" for e in seen)
             held = [
                 e
-                for log in logs
-                for e in events(log)
+                for e in seen
                 if e["event"] == "retrain.skipped" and "lock held" in e.get("why", "")
             ]
             if started and held:
-                break
+                return started, held
             for process, log in zip(processes, logs, strict=True):
                 assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no trigger in both replicas: {names}"
-            time.sleep(0.5)
+            return None
+
+        started, held = wait_until(
+            fired_in_both,
+            200,
+            interval=0.5,
+            message=lambda: (
+                "a trigger in both replicas: "
+                f"{[[e['event'] for e in json_lines(log)] for log in logs]}"
+            ),
+        )
         assert started == 1
         assert held[0]["trigger"] == "schedule"
     finally:
@@ -119,6 +120,6 @@ def test_two_replicas_never_retrain_one_task_at_once(
             except subprocess.TimeoutExpired:
                 process.kill()
     # The job stopped with its daemon: nothing was registered half-way.
-    names = [e["event"] for log in logs for e in events(log)]
+    names = [e["event"] for log in logs for e in json_lines(log)]
     assert "retrain.promoted" not in names
     assert "retrain.cancelled" in names

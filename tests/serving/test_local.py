@@ -338,7 +338,8 @@ def test_causal_lm_label_scores_match_a_plain_forward_pass(smollm2_dir: Path) ->
         str(smollm2_dir), local_files_only=True, dtype=torch.float32
     ).eval()
     for text, prediction in zip(texts, predictions, strict=True):
-        chat = [{"role": "user", "content": policy.render_prompt(text)}]
+        assert policy.prompt is not None
+        chat = [{"role": "user", "content": policy.prompt.replace("{input}", text)}]
         prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         scores = []

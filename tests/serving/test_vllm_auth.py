@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from distilld.app import vllm_deployment
 from distilld.errors import BackendError, BackendUnavailable
 from distilld.policy.model import Policy
 from distilld.serving.vllm import VllmStudent, VllmTarget
 from distilld.settings import Settings
+from distilld.students import vllm_deployment
 from support.kafka import sentiment_task
 
 KEY = "Qk7-student-key-0123456789"

@@ -15,9 +15,9 @@ import httpx
 import jsonschema
 import pytest
 
-from distilld.app import running_daemon
 from distilld.demo.data import load_rows
 from distilld.errors import BackendError
+from distilld.lifecycle import running_daemon
 from distilld.policy.load import load_policy
 from distilld.serving.local import load_local_student
 from distilld.serving.vllm_server import ManagedVllmServer, VllmServerConfig

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from distilld.monitoring.config import SamplingConfig
-from distilld.shadow.sampler import SegmentValues, decide, length_bucket, segment_of
+from distilld.shadow.sampler import SegmentValues, decide, segment_of
+from distilld.vocabulary import length_bucket
 
 CONFIG = SamplingConfig(
     base_rate=0.1,

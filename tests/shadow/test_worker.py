@@ -10,17 +10,14 @@ after an outage) runs on a FakeClock, never on sleeps.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from distilld.demo.data import load_rows
-from distilld.log import configure_logging
 from distilld.monitoring.config import SamplingConfig
 from distilld.policy.load import load_policy
 from distilld.policy.model import Policy
@@ -31,6 +28,8 @@ from distilld.teacher.base import TeacherAnswer, TeacherStatus, TeacherUnavailab
 from distilld.teacher.config import TransformersTeacherConfig
 from distilld.teacher.local import LocalTeacher
 from distilld.teacher.resilience import CallBudget
+from support.logs import Event, alerts
+from support.wait import wait_until
 
 LABELS = ["fresh", "rotten"]
 POLICY_YAML = """
@@ -116,19 +115,6 @@ class BlockingStore(SqliteStore):
         super().add_traffic(samples)
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-
-
-def alert_events(output: str) -> list[str]:
-    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    return [e["event"] for e in events if e.get("alert")]
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqliteStore]:
     s = SqliteStore(tmp_path / "state.db")
@@ -200,9 +186,8 @@ def test_sampled_requests_are_compared_with_the_in_process_teacher(
 
 
 def test_teacher_outage_pauses_comparisons_alerts_once_and_resumes(
-    tmp_path: Path, store: SqliteStore, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, store: SqliteStore, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     clock = FakeClock()
     teacher = FakeTeacher(mode="down", retry_after_s=30.0)
     worker = ShadowWorker(
@@ -238,7 +223,7 @@ def test_teacher_outage_pauses_comparisons_alerts_once_and_resumes(
     assert stats["compared"] == 3
     assert stats["paused"] == 6
     assert worker.paused_tasks() == {}
-    assert alert_events(capsys.readouterr().out) == [
+    assert [e["event"] for e in alerts(logs)] == [
         "teacher.unavailable",
         "teacher.available_again",
     ]
@@ -265,7 +250,11 @@ def test_a_slow_teacher_holds_up_neither_offers_nor_the_reservoir(
         # would hang here until the test's timeout).
         offer_reviews(worker, [f"more traffic {i}" for i in range(20)], kind="late")
         # One batch waits for the teacher; the others are dropped, not queued.
-        wait_for(lambda: worker.stats.snapshot()["dropped_backlog"] == 19)
+        wait_until(
+            lambda: worker.stats.snapshot()["dropped_backlog"] == 19,
+            30,
+            message=lambda: f"19 batches dropped: {worker.stats.snapshot()}",
+        )
         assert worker.stats.snapshot()["reservoir_added"] == 21
         teacher.release.set()
         assert worker.wait_idle(30)
@@ -277,9 +266,8 @@ def test_a_slow_teacher_holds_up_neither_offers_nor_the_reservoir(
 
 
 def test_unusable_teacher_answers_are_counted_not_stored_and_alerted_once(
-    tmp_path: Path, store: SqliteStore, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, store: SqliteStore, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     teacher = FakeTeacher(mode="garbage")
     worker = ShadowWorker(
         [ShadowTask.from_policy(load(tmp_path), teacher)], store, teacher_batch_size=4
@@ -296,10 +284,48 @@ def test_unusable_teacher_answers_are_counted_not_stored_and_alerted_once(
     finally:
         assert worker.stop()
     assert worker.stats.snapshot()["compared"] == 4
-    assert alert_events(capsys.readouterr().out) == [
+    assert [e["event"] for e in alerts(logs)] == [
         "teacher.bad_answers",
         "teacher.answers_ok_again",
     ]
+
+
+class FailingStore(SqliteStore):
+    """The real SqliteStore, whose reservoir writes raise while ``failing`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failing = threading.Event()
+
+    def add_traffic(self, samples: Sequence[TrafficSample]) -> None:
+        if self.failing.is_set():
+            raise OSError("disk full")
+        super().add_traffic(samples)
+
+
+def test_a_failing_store_is_alerted_once_per_failing_spell(
+    tmp_path: Path, logs: list[Event]
+) -> None:
+    store = FailingStore(tmp_path / "state.db")
+    worker = ShadowWorker([ShadowTask.from_policy(load(tmp_path, rate=0.0), FakeTeacher())], store)
+    worker.start()
+    try:
+        store.failing.set()
+        for i in range(3):  # three failed writes, one at a time
+            offer_reviews(worker, [f"lost {i}"])
+            assert worker.wait_idle(30)
+        store.failing.clear()
+        offer_reviews(worker, ["kept"])
+        assert worker.wait_idle(30)
+        store.failing.set()
+        offer_reviews(worker, ["lost again"])
+        assert worker.wait_idle(30)
+    finally:
+        assert worker.stop()
+        store.close()
+    assert worker.stats.snapshot()["store_errors"] >= 4
+    events = [e["event"] for e in logs if e["event"].startswith("shadow.store_")]
+    assert events == ["shadow.store_failed", "shadow.store_ok_again", "shadow.store_failed"]
 
 
 def test_a_full_queue_drops_offers_and_counts_them(tmp_path: Path) -> None:

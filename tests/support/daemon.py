@@ -7,11 +7,12 @@ import json
 import time
 from typing import Any
 
-from distilld.app import RunningDaemon
 from distilld.demo.data import Row
+from distilld.lifecycle import RunningDaemon
 from distilld.settings import KafkaConfig
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import ServedTask
+from support.wait import wait_until
 
 
 def request(request_id: str, task: str, text: str) -> bytes:
@@ -62,9 +63,11 @@ def settle(daemon: RunningDaemon, offered: int, timeout_s: float = 240) -> dict[
     them (reservoir written, sampled ones compared or dropped); returns its stats."""
     shadow = daemon.monitoring.shadow
     deadline = time.monotonic() + timeout_s
-    while shadow.stats.snapshot()["offered"] < offered:
-        assert time.monotonic() < deadline, f"answers not offered: {shadow.stats.snapshot()}"
-        time.sleep(0.05)
+    wait_until(
+        lambda: shadow.stats.snapshot()["offered"] >= offered,
+        timeout_s,
+        message=lambda: f"{offered} answers offered: {shadow.stats.snapshot()}",
+    )
     idle = shadow.wait_idle(max(1.0, deadline - time.monotonic()))
     assert idle, f"the shadow worker did not finish: {shadow.stats.snapshot()}"
     return shadow.stats.snapshot()

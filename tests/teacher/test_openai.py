@@ -26,7 +26,6 @@ from pydantic import ValidationError
 
 from distilld.credentials import EXCERPT_CHARS
 from distilld.errors import BackendError, BackendUnavailable, ConfigError, PolicyError
-from distilld.log import configure_logging
 from distilld.policy.model import Policy
 from distilld.teacher.base import (
     Teacher,
@@ -37,6 +36,7 @@ from distilld.teacher.base import (
 )
 from distilld.teacher.config import OpenAITeacherConfig
 from distilld.teacher.openai import OpenAITeacher, match_label
+from support.logs import Event, named, rendered
 
 LABELS = ["fresh", "rotten"]
 TRAFFIC = {"requests_topic": "req", "responses_topic": "resp", "dead_letter_topic": "dead"}
@@ -560,10 +560,10 @@ def test_closed_teacher_refuses_work(server: FakeOpenAIServer) -> None:
 def test_api_key_is_sent_but_never_shown(
     server: FakeOpenAIServer,
     teachers: list[OpenAITeacher],
+    debug_logs: list[Event],
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    configure_logging("DEBUG", "json")
     caplog.set_level(logging.DEBUG)  # httpx / httpcore debug logging too
     teacher = make_teacher(
         server,
@@ -587,7 +587,7 @@ def test_api_key_is_sent_but_never_shown(
     with pytest.raises(TeacherUnavailable) as unavailable:
         teacher2.label(["x"])
 
-    events = capsys.readouterr().out
+    events = rendered(debug_logs)
     shown = [
         str(refused.value),
         str(unavailable.value),
@@ -595,10 +595,11 @@ def test_api_key_is_sent_but_never_shown(
         str(teacher.__dict__),
         repr(teacher.status()),
         events,
+        capsys.readouterr().out,  # whatever else wrote to stdout
         caplog.text,
     ]
     # The logs did record the failures (with the bodies that held the key) and requests.
-    assert "teacher.retry" in events and "teacher.request_failed" in events
+    assert named(debug_logs, "teacher.retry") and named(debug_logs, "teacher.request_failed")
     assert "[redacted]" in events
     assert "chat/completions" in caplog.text
     assert "[redacted]" in str(refused.value)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from distilld.app import all_topics, running_daemon
+from distilld.app import all_topics
 from distilld.demo.data import load_rows
+from distilld.lifecycle import running_daemon
 from distilld.traffic.broker import EmbeddedBroker
 from distilld.traffic.kafka import ensure_topics
 from distilld.traffic.replay import read_topic, replay

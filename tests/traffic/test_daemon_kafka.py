@@ -17,8 +17,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from distilld.app import running_daemon
 from distilld.demo.data import load_rows
+from distilld.lifecycle import running_daemon
 from distilld.policy.load import load_policy
 from distilld.settings import KafkaConfig
 from distilld.traffic.broker import EmbeddedBroker

@@ -7,22 +7,25 @@ loop's machinery (isolation of a poison input, batch sizes), not a model.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import threading
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+import httpx
 
-from distilld.log import configure_logging
-from distilld.serving.base import Prediction
+from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.fake import FakeStudent
+from distilld.serving.vllm import VllmStudent, VllmTarget
 from distilld.settings import KafkaConfig
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
 from distilld.traffic.loop import AnsweredHook, ServingLoop, TaskRoute
 from distilld.traffic.records import Request
 from distilld.traffic.replay import read_topic, replay
 from support.kafka import unique
+from support.logs import Event, alerts, named
+from support.wait import wait_until
 
 
 def _route(task: str, batch: int, wait_ms: int) -> TaskRoute:
@@ -40,7 +43,7 @@ def _route(task: str, batch: int, wait_ms: int) -> TaskRoute:
 def _serve(
     kafka: KafkaConfig,
     route: TaskRoute,
-    student: FakeStudent,
+    student: StudentBackend,
     lines: list[bytes],
     expect: int,
     on_answered: AnsweredHook | None = None,
@@ -80,7 +83,7 @@ def _serve(
 
 
 def test_a_poison_input_is_isolated_and_dead_lettered_the_rest_answered(
-    kafka_config: KafkaConfig, tmp_path: Path
+    kafka_config: KafkaConfig, tmp_path: Path, logs: list[Event]
 ) -> None:
     task = unique("poison")
     route = _route(task, batch=8, wait_ms=50)
@@ -101,6 +104,11 @@ def test_a_poison_input_is_isolated_and_dead_lettered_the_rest_answered(
     assert loop.stats.dead_lettered == {"student_failed": 1}
     # The failing batch was retried one input at a time.
     assert 1 in student.batches
+    # Alerted on the edges only: each failing spell once, each recovery once, in turn.
+    edges = [e for e in alerts(logs) if e["event"] in ("student.failed", "student.recovered")]
+    assert [e["event"] for e in edges[:2]] == ["student.failed", "student.recovered"]
+    assert all(a["event"] != b["event"] for a, b in itertools.pairwise(edges))
+    assert edges[-1]["event"] == "student.recovered"
 
 
 def test_each_answer_is_handed_to_the_shadow_hook_with_its_version(
@@ -135,9 +143,8 @@ def test_each_answer_is_handed_to_the_shadow_hook_with_its_version(
 
 
 def test_a_failing_shadow_hook_never_stops_serving(
-    kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+    kafka_config: KafkaConfig, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     task = unique("hookfail")
     route = _route(task, batch=4, wait_ms=20)
     lines = [
@@ -151,8 +158,7 @@ def test_a_failing_shadow_hook_never_stops_serving(
         kafka_config, route, FakeStudent(["a", "b"]), lines, expect=12, on_answered=broken
     )
     assert len({r["id"] for r in responses}) == 12
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
-    failures = [e for e in events if e.get("event") == "shadow.hook_failed"]
+    failures = named(logs, "shadow.hook_failed")
     assert len(failures) == 1  # reported once, not once per answer
     assert "shadow queue exploded" in failures[0]["error"]
 
@@ -172,16 +178,28 @@ def test_backlog_is_answered_in_full_batches(kafka_config: KafkaConfig) -> None:
     assert student.batches.count(8) >= 6
 
 
+class CountingStudent(FakeStudent):
+    """The FakeStudent, counting the calls it refused while switched off."""
+
+    def __init__(self, labels: list[str]) -> None:
+        super().__init__(labels)
+        self.refused = 0
+
+    def predict(self, inputs: Sequence[str]) -> list[Prediction]:
+        if not self.available:
+            self.refused += 1
+        return super().predict(inputs)
+
+
 def test_an_unavailable_student_holds_requests_until_it_returns(
-    kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+    kafka_config: KafkaConfig, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     task = unique("outage")
     route = _route(task, batch=4, wait_ms=10)
     ensure_topics(
         kafka_config, [route.requests_topic, route.responses_topic, route.dead_letter_topic]
     )
-    student = FakeStudent(["a", "b"])
+    student = CountingStudent(["a", "b"])
     student.available = False
     consumer = make_consumer(kafka_config, group_id=unique("group"))
     producer = make_producer(kafka_config)
@@ -201,10 +219,8 @@ def test_an_unavailable_student_holds_requests_until_it_returns(
             json.dumps({"id": f"o-{i}", "task": task, "input": f"t{i}"}).encode() for i in range(40)
         ]
         replay(kafka_config, lines, route.requests_topic)
-        deadline = time.monotonic() + 30
-        while loop.stats.polled == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(2.0)  # the outage lasts a while: several retries happen
+        # The outage lasts a while: the first call and two retries are refused.
+        wait_until(lambda: student.refused >= 3, 30, message=lambda: f"{student.refused} calls")
         # Nothing answered, nothing dead-lettered, and consumption paused
         # after the first batch instead of piling the topic up in memory.
         assert loop.stats.answered == 0
@@ -221,8 +237,41 @@ def test_an_unavailable_student_holds_requests_until_it_returns(
         producer.close()
     assert sorted(r["id"] for r in responses) == sorted(f"o-{i}" for i in range(40))
     assert loop.stats.dead_lettered == {}
-    events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    unavailable = [e for e in events if e["event"] == "student.unavailable"]
+    unavailable = named(logs, "student.unavailable")
     assert len(unavailable) == 1, "one alert per outage, not one per retry"
     assert unavailable[0]["alert"] is True
-    assert any(e["event"] == "student.available_again" for e in events)
+    assert named(logs, "student.available_again")
+
+
+def test_an_input_that_makes_a_healthy_vllm_answer_500_is_dead_lettered(
+    kafka_config: KafkaConfig,
+) -> None:
+    """vLLM answers HTTP 500 for one input while /health answers 200: that input is
+    dead-lettered and the rest answered, instead of the task being held forever."""
+    task = unique("vllm500")
+    route = _route(task, batch=8, wait_ms=50)
+    lines = [
+        json.dumps(
+            {"id": f"v-{i}", "task": task, "input": "POISON here" if i == 3 else f"text {i}"}
+        ).encode()
+        for i in range(12)
+    ]
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        if "POISON" in json.loads(request.content)["input"][0]:
+            return httpx.Response(500, json={"error": "Internal Server Error"})
+        return httpx.Response(200, json={"data": [{"label": "a", "probs": [0.7, 0.3]}]})
+
+    target = VllmTarget(base_url="http://vllm.test", model="m", kind="classify", labels=("a", "b"))
+    student = VllmStudent(target, "v1", transport=httpx.MockTransport(vllm))
+    try:
+        responses, dead, loop = _serve(kafka_config, route, student, lines, expect=11)
+    finally:
+        student.close()
+    assert sorted(r["id"] for r in responses) == sorted(f"v-{i}" for i in range(12) if i != 3)
+    assert [(d["id"], d["reason"]) for d in dead] == [("v-3", "student_failed")]
+    assert "HTTP 500" in str(dead[0]["detail"])
+    assert loop.stats.dead_lettered == {"student_failed": 1}
+    assert not loop.unavailable_tasks()

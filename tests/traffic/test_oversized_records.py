@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
 from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 
-from distilld.log import configure_logging
 from distilld.serving.fake import FakeStudent
 from distilld.settings import KafkaConfig
 from distilld.traffic.kafka import ensure_topics, make_consumer, make_producer
 from distilld.traffic.loop import ServingLoop, TaskRoute
 from distilld.traffic.replay import read_topic
 from support.kafka import unique
+from support.logs import Event, named, rendered
+from support.wait import wait_until
 
 MAX_MESSAGE_BYTES = 1_000_000  # the default DISTILLD_KAFKA_MAX_MESSAGE_BYTES
 
@@ -74,12 +73,19 @@ def _committed(kafka: KafkaConfig, group: str, topic: str) -> int | None:
 
 
 def _wait_committed(kafka: KafkaConfig, group: str, topic: str, wanted: int) -> int | None:
-    deadline = time.monotonic() + 60
-    committed = _committed(kafka, group, topic)
-    while committed != wanted and time.monotonic() < deadline:
-        time.sleep(0.5)
-        committed = _committed(kafka, group, topic)
-    return committed
+    seen: list[int | None] = []
+
+    def reached() -> bool:
+        seen.append(_committed(kafka, group, topic))
+        return seen[-1] == wanted
+
+    wait_until(
+        reached,
+        60,
+        interval=0.5,
+        message=lambda: f"committed offset {wanted} of {topic} (last seen: {seen[-1]})",
+    )
+    return seen[-1]
 
 
 @contextmanager
@@ -109,14 +115,9 @@ def _serving(
         producer.close()
 
 
-def _events(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
 def test_oversized_fields_are_dead_lettered_within_the_limit_and_the_partition_moves_on(
-    kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+    kafka_config: KafkaConfig, logs: list[Event]
 ) -> None:
-    configure_logging("INFO", "json")
     task = unique("oversized")
     route = _route(task)
     group = unique("group")
@@ -179,18 +180,16 @@ def test_oversized_fields_are_dead_lettered_within_the_limit_and_the_partition_m
         assert len(letter.get("task", "")) <= 203
         assert len(letter["original_sha256"]) == 64
     assert stats["dropped"] == 0
-    out = capsys.readouterr().out
-    events = _events(out)
-    assert not [e for e in events if e["event"] == "serving.send_failed"]
-    assert max(len(line) for line in out.splitlines()) < 20_000
+    assert not named(logs, "serving.send_failed")
+    # Every event, as the JSON renderer writes it, makes a line of bounded length.
+    assert max(len(rendered([e])) for e in logs) < 20_000
 
 
 def test_a_record_the_producer_refuses_is_replaced_by_a_minimal_dead_letter(
-    kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+    kafka_config: KafkaConfig, logs: list[Event]
 ) -> None:
     # The producer's own limit stands for a broker whose limit is below
     # DISTILLD_KAFKA_MAX_MESSAGE_BYTES: MessageSizeTooLargeError, not retriable.
-    configure_logging("INFO", "json")
     task = unique("refused")
     route = _route(task)
     group = unique("group")
@@ -226,19 +225,17 @@ def test_a_record_the_producer_refuses_is_replaced_by_a_minimal_dead_letter(
         assert letter["original_truncated"] is True
     assert by_id["big"]["original_bytes"] == len(records[0][1])
     assert stats["dead_lettered_by_reason"] == {"send_refused": 1, "unknown_task": 1}
-    events = _events(capsys.readouterr().out)
-    refused = [e for e in events if e["event"] == "serving.send_refused"]
+    refused = named(logs, "serving.send_refused")
     assert sorted(e["kind"] for e in refused) == ["dead_letter", "response"]
-    assert not [e for e in events if e["event"] == "serving.send_failed"]
+    assert not named(logs, "serving.send_failed")
 
 
 def test_a_request_whose_minimal_dead_letter_is_refused_is_dropped_with_an_alert(
-    kafka_config: KafkaConfig, capsys: pytest.CaptureFixture[str]
+    kafka_config: KafkaConfig, logs: list[Event]
 ) -> None:
     # A limit so small that even the minimal dead letter is refused (no real
     # broker is set so low): the request is dropped, said so in an alert, and
     # the partition still moves on.
-    configure_logging("INFO", "json")
     task = unique("dropped")
     route = _route(task)
     group = unique("group")
@@ -260,8 +257,7 @@ def test_a_request_whose_minimal_dead_letter_is_refused_is_dropped_with_an_alert
     assert sorted(r["id"] for r in responses) == sorted(f"g{i}" for i in range(5))
     assert committed == len(records)
     assert stats["dropped"] == 1
-    events = _events(capsys.readouterr().out)
-    dropped = [e for e in events if e["event"] == "serving.record_dropped"]
+    dropped = named(logs, "serving.record_dropped")
     assert len(dropped) == 1
     assert dropped[0]["alert"] is True
     assert dropped[0]["severity"] == "error"

@@ -28,7 +28,6 @@ from typing import Any
 
 import yaml
 
-from distilld.app import RunningDaemon, running_daemon
 from distilld.demo.data import (
     LABELS,
     LoopData,
@@ -39,8 +38,9 @@ from distilld.demo.data import (
 )
 from distilld.demo.student import ensure_demo_models
 from distilld.errors import ConfigError, DistilldError
+from distilld.lifecycle import RunningDaemon, running_daemon
 from distilld.log import get_logger
-from distilld.policy.evaluate import EventKind
+from distilld.monitoring.evaluate import EventKind
 from distilld.policy.load import load_policy
 from distilld.registry import ModelRegistry
 from distilld.report import write_report

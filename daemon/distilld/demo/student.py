@@ -30,6 +30,7 @@ from distilld.demo.data import LoopData, Row
 from distilld.errors import ConfigError
 from distilld.log import get_logger
 from distilld.modelpaths import resolve_model_dir
+from distilld.models.prompting import classifier_inputs
 from distilld.monitoring.features import REFERENCE_FILE, fit_reference, save_reference
 from distilld.policy.model import Policy
 from distilld.serving.local import quiet_transformers
@@ -193,13 +194,7 @@ def train_quickstart_student(
         total = 0.0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            encoded = tokenizer(
-                [text for text, _ in chunk],
-                padding=True,
-                truncation=True,
-                max_length=max_tokens,
-                return_tensors="pt",
-            )
+            encoded = classifier_inputs(tokenizer, [text for text, _ in chunk], max_tokens, "right")
             targets = torch.tensor([label for _, label in chunk])
             loss = model(**encoded, labels=targets).loss
             loss.backward()
@@ -243,13 +238,7 @@ def save_drift_reference(
     confidences: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(sample), 32):
-            encoded = tokenizer(
-                sample[start : start + 32],
-                padding=True,
-                truncation=True,
-                max_length=max_tokens,
-                return_tensors="pt",
-            )
+            encoded = classifier_inputs(tokenizer, sample[start : start + 32], max_tokens, "right")
             probs = torch.softmax(model(**encoded).logits, dim=-1)
             best = probs.max(dim=-1)
             labels += [model.config.id2label[int(i)] for i in best.indices]

@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
-from distilld.monitoring.config import (
-    DEFAULT_MAX_SEGMENT_VALUES,
-    OTHER_SEGMENT_VALUE,
-    AccuracyMonitorConfig,
-)
+from distilld.monitoring.config import DEFAULT_MAX_SEGMENT_VALUES, AccuracyMonitorConfig
 from distilld.monitoring.features import MonitoringError
-
-OVERALL = "all"
+from distilld.vocabulary import (
+    OTHER_SEGMENT_VALUE,
+    OVERALL,
+    segment_key,
+    segment_label,
+    split_segment_label,
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,7 @@ class Comparison:
                 f"{self.score!r}); use the score returned by shadow.compare"
             )
         for label in self.segments:
-            key, sep, _ = label.partition("=")
-            if not sep or not key:
+            if split_segment_label(label) is None:
                 raise MonitoringError(
                     f"comparison {self.request_id!r}: segment {label!r} is not of the form "
                     "key=value; build segments with segment_labels()"
@@ -83,7 +83,7 @@ def segment_labels(segments: Mapping[str, str]) -> tuple[str, ...]:
     for key, value in segments.items():
         if not key or "=" in key:
             raise MonitoringError(f"segment key {key!r} must be non-empty and must not contain '='")
-        labels.append(f"{key}={value}")
+        labels.append(segment_label(key, value))
     return tuple(sorted(labels))
 
 
@@ -200,7 +200,7 @@ def measure_accuracy(
         by_segment: dict[str, list[float]] = defaultdict(list)
         for c in window:
             for label in c.segments:
-                if keys is None or label.partition("=")[0] in keys:
+                if keys is None or segment_key(label) in keys:
                     by_segment[label].append(c.score)
         by_segment = pool_rare_values(by_segment, max_values_per_key)
         segments = tuple(
@@ -224,7 +224,7 @@ def pool_rare_values(
     scores of the others under ``key=other``."""
     by_key: dict[str, list[str]] = defaultdict(list)
     for label in by_segment:
-        by_key[label.partition("=")[0]].append(label)
+        by_key[segment_key(label)].append(label)
     pooled: dict[str, list[float]] = {}
     for key, labels in by_key.items():
         if len(labels) <= max_values:
@@ -235,7 +235,7 @@ def pool_rare_values(
         for label in kept:
             pooled[label] = list(by_segment[label])
         if rest:
-            other = f"{key}={OTHER_SEGMENT_VALUE}"
+            other = segment_label(key, OTHER_SEGMENT_VALUE)
             pooled.setdefault(other, [])
             for label in rest:
                 pooled[other].extend(by_segment[label])

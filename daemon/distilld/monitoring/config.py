@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from distilld.policy.common import StrictModel, check_segment_keys
+from distilld.vocabulary import LENGTH_SEGMENT_KEY, OTHER_SEGMENT_VALUE
 
 # The per-input descriptors computed by monitoring/features.py. "embedding"
 # stands for all the columns of the low-dimensional embedding projection.
@@ -45,13 +46,10 @@ FeatureName = Literal[
     "predicted_label",
     "confidence",
 ]
-# The segment key of an input's length bucket (shadow/sampler.py), always present.
-LENGTH_SEGMENT_KEY = "length"
 # At most this many distinct values of one metadata segment key are tracked (by the
 # sampler, the accuracy monitor); the values beyond them share OTHER_SEGMENT_VALUE, so
 # that producers cannot grow memory, alerts or teacher calls with made-up values.
 DEFAULT_MAX_SEGMENT_VALUES = 50
-OTHER_SEGMENT_VALUE = "other"
 # The one categorical feature; every other feature is numerical.
 CATEGORICAL_FEATURES = frozenset({"predicted_label"})
 

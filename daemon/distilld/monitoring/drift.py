@@ -4,7 +4,7 @@ One call runs one Evidently ``DataDriftPreset`` report over the feature
 columns of :mod:`distilld.monitoring.features` and returns a plain
 :class:`DriftMeasurement`: the share of drifted features and, per feature, the
 statistical test Evidently used, its score, threshold and verdict. Deciding
-whether that is a breach is :mod:`distilld.policy.evaluate`'s job.
+whether that is a breach is :mod:`distilld.monitoring.evaluate`'s job.
 
 Evidently is imported inside the function: the import takes 5 to 8 s, and
 the serving path and the CLI must not pay for it. Every Evidently error is

@@ -11,7 +11,7 @@
    embedding projection, the student's predicted label for classification,
    its confidence) and tested with Evidently against the reference
    (:mod:`distilld.monitoring.drift`);
-3. verdicts from :func:`distilld.policy.evaluate.evaluate`;
+3. verdicts from :func:`distilld.monitoring.evaluate.evaluate`;
 4. the check's JSON summary stored in the store and, with ``save_reports``,
    written with Evidently's HTML report under
    ``reports_dir/<task>/<UTC timestamp>/`` (``drift.html``, ``drift.json``,
@@ -58,6 +58,7 @@ from distilld.monitoring.config import (
     MonitorsConfig,
 )
 from distilld.monitoring.drift import DriftMeasurement, measure_drift
+from distilld.monitoring.evaluate import Verdict, evaluate
 from distilld.monitoring.features import (
     MonitoringError,
     Reference,
@@ -65,7 +66,6 @@ from distilld.monitoring.features import (
     describe,
     fit_reference,
 )
-from distilld.policy.evaluate import Verdict, evaluate
 from distilld.store.base import CheckResult, SampleStore, StoredComparison, TrafficSample
 
 SUMMARY_JSON = "summary.json"

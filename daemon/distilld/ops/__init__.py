@@ -1,7 +1,7 @@
 """Operations endpoints of the daemon: health, readiness, Prometheus metrics, admin API.
 
 See :mod:`distilld.ops.http` (the server, and how the app wires it) and
-:mod:`distilld.ops.metrics` (the snapshot the app fills, and its rendering).
+:mod:`distilld.telemetry.metrics` (the metrics registry the server exposes).
 """
 
 from __future__ import annotations
@@ -14,24 +14,12 @@ from distilld.ops.http import (
     Probe,
     ProbeResult,
 )
-from distilld.ops.metrics import (
-    HistogramSnapshot,
-    LatencyHistogram,
-    MetricsSnapshot,
-    TaskMetrics,
-    render,
-)
 
 __all__ = [
     "AdminActions",
-    "HistogramSnapshot",
-    "LatencyHistogram",
-    "MetricsSnapshot",
     "NotFoundError",
     "OpsConfig",
     "OpsServer",
     "Probe",
     "ProbeResult",
-    "TaskMetrics",
-    "render",
 ]

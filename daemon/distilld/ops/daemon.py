@@ -1,9 +1,10 @@
 """What the operations server reads and does in a running daemon.
 
-* :class:`DaemonMetrics` builds a :class:`~distilld.ops.metrics.MetricsSnapshot`
+* :class:`DaemonMetrics` builds a :class:`~distilld.telemetry.metrics.MetricsSnapshot`
   at each scrape from counters the daemon keeps anyway (serving loops, shadow
-  worker, teachers' budgets, retraining manager) and from the last monitoring
-  check stored per task (agreement, drift share): nothing is computed for it.
+  worker, teachers' budgets, retraining manager, alert sinks' open breaches) and
+  from the last monitoring check stored per task (agreement, drift share):
+  nothing is computed for it.
 * :class:`DaemonAdmin` implements the admin API on the daemon's parts: status
   (as ``distilld status --json``), retrain (the manager's manual trigger),
   promote and rollback (the task's registry; the manager follows the LIVE
@@ -18,9 +19,11 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from prometheus_client import Histogram
+
+from distilld.alerts import AlertSink
 from distilld.errors import ConfigError
 from distilld.ops.http import NotFoundError, Probe, ProbeResult
-from distilld.ops.metrics import HistogramSnapshot, MetricsSnapshot, TaskMetrics
 from distilld.policy.model import Policy
 from distilld.registry import ModelRegistry
 from distilld.retrain.manager import RetrainManager
@@ -30,6 +33,7 @@ from distilld.shadow.worker import ShadowWorker
 from distilld.status import task_status
 from distilld.store.base import SampleStore
 from distilld.teacher.base import Teacher
+from distilld.telemetry.metrics import MetricsSnapshot, TaskMetrics
 from distilld.traffic.loop import ServingLoop
 
 __all__ = ["DaemonAdmin", "DaemonMetrics", "readiness_probes"]
@@ -47,9 +51,11 @@ class DaemonMetrics:
         store: SampleStore,
         shadow: ShadowWorker,
         manager: RetrainManager | None,
+        sinks: Mapping[str, AlertSink] | None = None,
     ) -> None:
         self._policies = policies
         self._loops = loops
+        self._sinks = dict(sinks or {})
         self._backends = backends
         self._teachers = teachers
         self._store = store
@@ -62,7 +68,7 @@ class DaemonMetrics:
         for task in sorted(self._policies):
             requests = 0
             dead: dict[str, int] = {}
-            latency: HistogramSnapshot | None = None
+            latency: list[Histogram] = []
             for loop in self._loops:
                 stats = loop.stats
                 requests += stats.answered_by_task.get(task, 0)
@@ -71,13 +77,14 @@ class DaemonMetrics:
                         dead[reason] = dead.get(reason, 0) + count
                 histogram = stats.latency_by_task.get(task)
                 if histogram is not None:
-                    latency = histogram.snapshot()
+                    latency.append(histogram)
             agreement, drift_share = self._last_check(task)
             teacher = self._teachers.get(task)
             budget = teacher.status().calls_left if teacher is not None else None
+            sink = self._sinks.get(task)
             tasks[task] = TaskMetrics(
                 requests=requests,
-                latency=latency or HistogramSnapshot(),
+                latency=latency,
                 dead_letters=dead,
                 teacher_calls=teacher_calls.get(task, 0),
                 teacher_budget_left=budget,
@@ -85,8 +92,13 @@ class DaemonMetrics:
                 drift_share=drift_share,
                 retrainings=self._manager.outcomes(task) if self._manager is not None else {},
                 live_version=self._backends[task].model_version,
+                breaches=sink.breaches(task) if sink is not None else {},
             )
-        return MetricsSnapshot(tasks=tasks)
+        lag: dict[tuple[str, int], int] = {}
+        for loop in self._loops:
+            for where, records in list(loop.stats.lag_by_partition.items()):
+                lag[where] = max(records, lag.get(where, 0))
+        return MetricsSnapshot(tasks=tasks, consumer_lag=lag)
 
     def _last_check(self, task: str) -> tuple[float | None, float | None]:
         check = self._store.last_check(task)

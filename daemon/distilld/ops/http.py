@@ -54,10 +54,10 @@ then, in ``running_daemon`` once the loops are started (when ``http_enabled``)::
     probes = {"broker": lambda: ProbeResult(all(l.assigned.is_set() for l in loops),
                                             "consumer groups not joined yet")}
     probes |= {f"student:{task}": <backend answers / managed server healthy> for task in ...}
-    server = stack.enter_context(OpsServer(config, probes, collect, admin))
+    server = stack.enter_context(OpsServer(config, probes, DaemonTelemetry(collect), admin))
     log.info("ops.listening", url=server.url)
 
-``collect`` builds a :class:`~distilld.ops.metrics.MetricsSnapshot` from the
+``collect`` builds a :class:`~distilld.telemetry.metrics.MetricsSnapshot` from the
 loops' stats, the teachers' ``status().calls_left``, the store (agreement,
 drift share: see :func:`distilld.status.task_status`) and the registries; it
 runs on every scrape, so it should read counters rather than compute.
@@ -94,10 +94,10 @@ from pydantic import SecretStr
 
 from distilld.errors import ConfigError, DistilldError, PolicyError, RegistryError
 from distilld.log import get_logger
-from distilld.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from distilld.ops.metrics import MetricsSnapshot, render
 from distilld.policy.model import NAME_PATTERN
 from distilld.registry import VERSION_PATTERN
+from distilld.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from distilld.telemetry.metrics import DaemonTelemetry
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -239,20 +239,21 @@ _ROUTES: tuple[tuple[re.Pattern[str], tuple[str, ...], str], ...] = (
 class OpsServer:
     """The ops HTTP server on a daemon thread; a context manager (see the module docstring).
 
-    ``with OpsServer(config, probes, collect, admin) as server: server.port``
+    ``with OpsServer(config, probes, metrics, admin) as server: server.port``
+    (``metrics``: the daemon's :class:`DaemonTelemetry`; ``/metrics`` serves its exposition)
     """
 
     def __init__(
         self,
         config: OpsConfig,
         probes: Mapping[str, Probe] | None = None,
-        collect: Callable[[], MetricsSnapshot] | None = None,
+        metrics: DaemonTelemetry | None = None,
         admin: AdminActions | None = None,
     ) -> None:
         self.config = config
         self._token = config.token
         self._probes = dict(probes or {})
-        self._collect = collect or MetricsSnapshot
+        self._metrics = metrics or DaemonTelemetry()
         self._admin = admin
         self._log = get_logger("ops")
         self._httpd: ThreadingHTTPServer | None = None
@@ -403,8 +404,7 @@ class OpsServer:
         if name == "readyz":
             return self._readiness()
         if name == "metrics":
-            text = render(self._collect())
-            return _Reply(200, text.encode("utf-8"), METRICS_CONTENT_TYPE)
+            return _Reply(200, self._metrics.exposition(), METRICS_CONTENT_TYPE)
         admin = self._admin
         if admin is None:
             raise _HttpError(404, "the admin API is not available in this process")

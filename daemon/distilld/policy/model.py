@@ -14,18 +14,12 @@ in ``policy/common.py`` so that they need not import this module.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from distilld.monitoring.config import (
-    CATEGORICAL_FEATURES,
-    LENGTH_SEGMENT_KEY,
-    MonitorsConfig,
-    SamplingConfig,
-)
+from distilld.monitoring.config import CATEGORICAL_FEATURES, MonitorsConfig, SamplingConfig
 from distilld.policy.common import (
     INPUT_PLACEHOLDER,
     Architecture,
@@ -40,6 +34,7 @@ from distilld.teacher.config import (
     TeacherConfig,
     TransformersTeacherConfig,
 )
+from distilld.vocabulary import LENGTH_SEGMENT_KEY, TaskKind
 
 __all__ = [
     "INPUT_PLACEHOLDER",
@@ -51,7 +46,6 @@ __all__ = [
     "Policy",
     "PolicyFieldError",
     "StudentPolicy",
-    "TaskKind",
     "TopicName",
     "TrafficPolicy",
     "VllmPolicy",
@@ -80,12 +74,6 @@ class _Strict(BaseModel):
     # pydantic's default (Rust) regex engine: "$" ends the text, so no pattern
     # accepts a trailing newline (python-re did).
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskKind(StrEnum):
-    classification = "classification"
-    extraction = "extraction"
-    generation = "generation"
 
 
 class TrafficPolicy(_Strict):
@@ -495,8 +483,3 @@ class Policy(_Strict):
             return []
         n_labels = len(self.labels) if self.labels else None
         return size_warnings(retraining, self.kind.value, n_labels)
-
-    def render_prompt(self, text: str) -> str:
-        """The prompt for one input (plain replacement: JSON braces stay as written)."""
-        assert self.prompt is not None
-        return self.prompt.replace(INPUT_PLACEHOLDER, text)

@@ -6,7 +6,7 @@ directory never replaces a valid one: the problems are alerted once per
 change (``policy.reload_rejected``), and the policies in force stay in force.
 So does a valid directory that cannot start here (``check``: the preflight of
 secrets, model directories and vLLM settings). A change that passes both is
-handed to the caller (``app.serve``), which drains the running daemon and
+handed to the caller (``lifecycle.serve``), which drains the running daemon and
 starts it again on the new policies: offsets are committed before the restart,
 so nothing is lost and nothing is answered twice. Should the new set still fail
 to start, the caller starts the previous one again and calls :meth:`revert`.
@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distilld.errors import PolicyError
-from distilld.log import alert, get_logger
+from distilld.log import get_logger
 from distilld.policy.load import load_policies
 from distilld.policy.model import Policy
+from distilld.telemetry.alerts import alert
 
 __all__ = ["PolicyWatcher", "fingerprint"]
 

@@ -28,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distilld.policy.common import StrictModel, check_no_parent_parts, check_segment_keys
 from distilld.retrain.methods import TrainingConfig
+from distilld.vocabulary import segment_key
 
 __all__ = [
     "DEFAULT_CRON",
@@ -431,8 +432,7 @@ class GateConfig(StrictModel):
         """The margin of a segment ``key=value``: its own, its key's, or segment_margin."""
         if label in self.segment_margins:
             return self.segment_margins[label]
-        key = label.partition("=")[0]
-        return self.segment_margins.get(key, self.segment_margin)
+        return self.segment_margins.get(segment_key(label), self.segment_margin)
 
 
 class ShadowConfig(StrictModel):

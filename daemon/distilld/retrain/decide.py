@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from distilld.retrain.config import RetrainingConfig, RollbackConfig, ShadowConfig
+from distilld.vocabulary import backoff_ceiling
 
 __all__ = [
     "MAX_DROP_RATE",
@@ -372,7 +373,7 @@ def plan_retry(
     low, high = config.size.bounds(kind, n_labels)
     if size is None:
         longest = max(cooldown, config.triggers.on_breach.cooldown_s)
-        wait = min(cooldown * 2.0 ** min(max(errors - 1, 0), 30), longest)
+        wait = backoff_ceiling(errors - 1, cooldown, longest)
         return RetryPlan(
             failed_at=failed_at,
             not_before=failed_at + wait,

@@ -25,10 +25,11 @@ import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from distilld.errors import DistilldError
 from distilld.shadow.compare import OutputSchema
+from distilld.vocabulary import TaskKind
 
 __all__ = [
     "DROP_REASONS",
@@ -117,7 +118,7 @@ class OutputValidator:
 
     def __init__(
         self,
-        kind: Literal["classification", "extraction", "generation"],
+        kind: TaskKind,
         *,
         labels: Collection[str] | None = None,
         schema: OutputSchema | Mapping[str, Any] | None = None,

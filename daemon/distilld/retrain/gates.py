@@ -68,6 +68,7 @@ from distilld.errors import DistilldError
 from distilld.monitoring.accuracy import wilson_interval
 from distilld.retrain.config import GateConfig, GateMetric, default_metric
 from distilld.shadow.compare import OutputSchema, compare
+from distilld.vocabulary import TASK_KINDS, TaskKind, segment_label
 
 __all__ = [
     "CLASSIFICATION_METRICS",
@@ -83,7 +84,6 @@ __all__ = [
 ]
 
 Output = str | dict[str, Any]
-TaskKind = Literal["classification", "extraction", "generation"]
 
 CLASSIFICATION_METRICS: tuple[GateMetric, ...] = ("accuracy", "precision", "recall", "macro_f1")
 FIELD_METRICS: tuple[GateMetric, ...] = (
@@ -269,7 +269,7 @@ def classification_metrics(gold: Sequence[str], predicted: Sequence[Any]) -> dic
 
 
 def field_metrics(
-    kind: Literal["extraction", "generation"],
+    kind: TaskKind,
     gold: Sequence[Any],
     predicted: Sequence[Any],
     schema: OutputSchema | Mapping[str, Any] | None = None,
@@ -321,7 +321,7 @@ def difficulty_buckets(confidences: Sequence[float | None]) -> list[str | None]:
 def _check_inputs(
     examples: Sequence[GateExample], kind: TaskKind, metric: str, schema: OutputSchema | None
 ) -> tuple[bool, bool]:
-    if kind not in ("classification", "extraction", "generation"):
+    if kind not in TASK_KINDS:
         raise GateError(
             f"unknown task kind {kind!r}; expected classification, extraction or generation"
         )
@@ -464,9 +464,9 @@ def evaluate_gate(
         for key, segment_value in e.segment.items():
             if key in RESERVED_KEYS or (keys is not None and key not in keys):
                 continue
-            groups[f"{key}={segment_value}"].append(i)
+            groups[segment_label(key, segment_value)].append(i)
         for tag in dict.fromkeys(e.tags):
-            groups[f"edge_case={tag}"].append(i)
+            groups[segment_label("edge_case", tag)].append(i)
     for i, level in enumerate(difficulty_buckets([e.teacher_confidence for e in examples])):
         if level is not None:
             groups[f"difficulty={level}"].append(i)

@@ -53,7 +53,7 @@ from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped
 from distilld.alerts import AlertSink
 from distilld.errors import DistilldError
 from distilld.log import get_logger
-from distilld.policy.evaluate import Status
+from distilld.monitoring.evaluate import Status
 from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig

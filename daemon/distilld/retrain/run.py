@@ -34,12 +34,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from distilld.errors import DistilldError
 from distilld.log import get_logger
 from distilld.monitoring.features import REFERENCE_FILE, fit_reference, save_reference
-from distilld.policy.model import Policy, TaskKind
+from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
 from distilld.retrain.decide import first_size, inputs_needed
@@ -51,7 +51,6 @@ from distilld.retrain.filter import (
     parsed_output,
 )
 from distilld.retrain.gates import GateExample, GateReport, evaluate_gate
-from distilld.retrain.gates import TaskKind as GateTaskKind
 from distilld.retrain.select import (
     Candidate,
     candidates_from_comparisons,
@@ -69,6 +68,7 @@ from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.local import load_local_student
 from distilld.store.base import SampleStore
 from distilld.teacher.base import Teacher, TeacherAnswer
+from distilld.vocabulary import TaskKind
 
 __all__ = [
     "GATE_HTML",
@@ -215,9 +215,7 @@ def run_retraining(
             "traffic arrive, add retraining.seed_files, or lower gate.min_test_examples"
         )
     flags = load_flags(job.flags_file) if job.flags_file is not None else frozenset()
-    validator = OutputValidator(
-        cast(GateTaskKind, kind), labels=policy.labels, schema=policy.output_schema
-    )
+    validator = OutputValidator(policy.kind, labels=policy.labels, schema=policy.output_schema)
     answers: dict[str, TeacherAnswer] = {}
     attempts: list[dict[str, Any]] = []
     size = min(max(job.start_size or first_size(config, kind, n_labels), low), high)
@@ -437,7 +435,7 @@ def _judge(
     gate = evaluate_gate(
         examples,
         job.config.gate,
-        kind=policy.kind.value,
+        kind=policy.kind,
         schema=policy.output_schema,
     )
     return gate, (reference_texts, reference_answers)

@@ -52,6 +52,7 @@ from distilld.monitoring.config import SamplingConfig
 from distilld.retrain.config import SelectionConfig
 from distilld.shadow.sampler import MAX_SEGMENT_VALUE_CHARS, segment_of
 from distilld.store.base import StoredComparison, TrafficSample
+from distilld.vocabulary import segment_label
 
 __all__ = [
     "REASONS",
@@ -412,7 +413,7 @@ def _clip(value: float) -> float:
 
 
 def _stratum(segment: Mapping[str, str], keys: Collection[str] | None) -> str:
-    labels = sorted(f"{k}={v}" for k, v in segment.items() if keys is None or k in keys)
+    labels = sorted(segment_label(k, v) for k, v in segment.items() if keys is None or k in keys)
     return ",".join(labels) if labels else "(none)"
 
 
@@ -484,7 +485,7 @@ def select_inputs(
     # 4: reasons, weights, strata.
     label_counts: Counter[str] = Counter()
     for i in eligible:
-        label_counts.update(f"{k}={v}" for k, v in candidates[i].segment.items())
+        label_counts.update(segment_label(k, v) for k, v in candidates[i].segment.items())
     rare = {
         label
         for label, count in label_counts.items()
@@ -508,7 +509,7 @@ def select_inputs(
         agree = c.teacher_agreement
         if agree is not None and agree < config.disagreement_below:
             why.append("disagreement")
-        if any(f"{k}={v}" in rare for k, v in c.segment.items()):
+        if any(segment_label(k, v) in rare for k, v in c.segment.items()):
             why.append("rare_segment")
         if c.tags:
             why.append("edge_case")

@@ -10,6 +10,9 @@ Two architectures, picked from ``policy.student.architecture``:
   greedily under a JSON-Schema constraint (lm-format-enforcer) and validate the
   result with jsonschema.
 
+Inputs and prompts are tokenised by :mod:`distilld.models.prompting`, the same
+code training uses, so a student is served exactly the ids it was trained on.
+
 Models load from a local directory only, from safetensors only (pickle
 weights can run code when loaded), and never with remote code. The weights are
 upcast to float32: CPU kernels for bfloat16 are slower on most machines
@@ -29,8 +32,10 @@ import jsonschema
 import torch
 
 from distilld.errors import BackendError, ModelLoadError
-from distilld.policy.model import Architecture, Policy, TaskKind
+from distilld.models.prompting import CausalPrompts, classifier_inputs, left_pad, position_ids
+from distilld.policy.model import Architecture, Policy
 from distilld.serving.base import Prediction, StudentBackend, validated_json
+from distilld.vocabulary import TaskKind
 
 # Prompts scored in one forward pass. Bounds memory when a large batch of long
 # prompts meets a large label set (the cache is copied once per label).
@@ -177,7 +182,7 @@ class SequenceClassificationStudent:
         self._labels = list(policy.labels)
         self._column = {name: index for index, name in id2label.items()}
 
-        self._tokenizer.truncation_side = policy.student.truncation_side
+        self._truncation_side = policy.student.truncation_side
         limit = _model_token_limit(self._tokenizer, self._model.config)
         wanted = policy.student.max_input_tokens
         # A policy may allow more tokens than the encoder has positions; cap so
@@ -196,14 +201,7 @@ class SequenceClassificationStudent:
             raise BackendError(f"student {self._version!r} is closed; load it again to predict")
         try:
             with torch.inference_mode():
-                encoded = self._tokenizer(
-                    texts,
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_input_tokens,
-                    return_tensors="pt",
-                )
-                logits = self._model(**encoded).logits
+                logits = self._model(**self.inputs(texts)).logits
                 rows: list[list[float]] = torch.softmax(logits.float(), dim=-1).tolist()
         except Exception as exc:
             raise BackendError(
@@ -211,6 +209,12 @@ class SequenceClassificationStudent:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         return [self._prediction(row) for row in rows]
+
+    def inputs(self, texts: Sequence[str]) -> Any:
+        """The model inputs of a batch (tensors), as training builds them."""
+        return classifier_inputs(
+            self._tokenizer, texts, self.max_input_tokens, self._truncation_side
+        )
 
     def _prediction(self, row: list[float]) -> Prediction:
         probabilities = {label: row[self._column[label]] for label in self._labels}
@@ -251,19 +255,17 @@ class CausalLMStudent:
         self._tokenizer: Any = _load_tokenizer(model_dir)
         self._model: Any = _load_model(AutoModelForCausalLM, model_dir)
 
-        eos = self._tokenizer.eos_token_id
-        if not isinstance(eos, int):
+        assert policy.prompt is not None  # guaranteed by Policy's validator
+        prompts = CausalPrompts(self._tokenizer, policy.prompt)
+        self._prompts: CausalPrompts | None = prompts
+        eos, pad = prompts.eos, prompts.pad
+        if eos is None or pad is None:
             raise ModelLoadError(
                 f"the tokenizer in {model_dir} has no end-of-sequence token (eos_token_id is "
-                f"{eos!r}); a causal-LM student needs one to end answers"
+                f"{self._tokenizer.eos_token_id!r}); a causal-LM student needs one to end answers"
             )
         self._eos: int = eos
-        if self._tokenizer.pad_token_id is None:
-            # Padding positions are masked out, so any token id will do.
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._pad: int = self._tokenizer.pad_token_id
-        self._tokenizer.padding_side = "left"
-        self._chat = bool(getattr(self._tokenizer, "chat_template", None))
+        self._pad: int = pad
 
         self._label_ids: list[list[int]] = []
         self._schema: dict[str, Any] | None = None
@@ -271,10 +273,7 @@ class CausalLMStudent:
         self._token_table: Any = None
         if policy.kind is TaskKind.classification:
             assert policy.labels is not None  # guaranteed by Policy's validator
-            self._label_ids = [
-                [*self._tokenizer(label, add_special_tokens=False).input_ids, self._eos]
-                for label in policy.labels
-            ]
+            self._label_ids = [prompts.answer_ids(label) for label in policy.labels]
             answer_budget = max(len(ids) for ids in self._label_ids)
         else:
             assert policy.output_schema is not None  # guaranteed by Policy's validator
@@ -287,9 +286,7 @@ class CausalLMStudent:
 
         # Text budget: the policy's max_input_tokens, but never so much that
         # template + text + answer overflow the model's positions.
-        template_tokens = len(
-            _load("chat template", model_dir, lambda: self._encode([self._prompt("")])[0])
-        )
+        template_tokens = _load("chat template", model_dir, prompts.template_tokens)
         limit = _model_token_limit(self._tokenizer, self._model.config)
         wanted = policy.student.max_input_tokens
         if limit is not None:
@@ -315,7 +312,7 @@ class CausalLMStudent:
             raise BackendError(f"student {self._version!r} is closed; load it again to predict")
         try:
             with torch.inference_mode():
-                prompts = self._encode([self._prompt(t) for t in self._truncate(texts)])
+                prompts = self.prompt_ids(texts)
                 if self._label_ids:
                     return self._classify(prompts)
                 return self._generate_json(prompts)
@@ -330,38 +327,20 @@ class CausalLMStudent:
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+        self._prompts = None
         self._token_table = None
         gc.collect()
 
     # ---- prompts
 
-    def _truncate(self, texts: list[str]) -> list[str]:
-        """Cut each text to max_input_tokens tokens (the text, not the template)."""
-        ids_per_text: list[list[int]] = self._tokenizer(texts, add_special_tokens=False).input_ids
-        limit = self.max_input_tokens
-        keep_start = self._policy.student.truncation_side == "right"
-        out: list[str] = []
-        for text, ids in zip(texts, ids_per_text, strict=True):
-            if len(ids) <= limit:
-                out.append(text)
-            else:
-                kept = ids[:limit] if keep_start else ids[-limit:]
-                out.append(self._tokenizer.decode(kept))
-        return out
-
-    def _prompt(self, text: str) -> str:
-        rendered = self._policy.render_prompt(text)
-        if not self._chat:
-            return rendered
-        prompt = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": rendered}], tokenize=False, add_generation_prompt=True
+    def prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The prompt ids of a batch (text cut to max_input_tokens, rendered, tokenised),
+        as training builds them."""
+        if self._prompts is None:
+            raise BackendError(f"student {self._version!r} is closed; load it again to predict")
+        return self._prompts.prompt_ids(
+            texts, self.max_input_tokens, self._policy.student.truncation_side
         )
-        return str(prompt)
-
-    def _encode(self, prompts: list[str]) -> list[list[int]]:
-        # A chat template already writes the special tokens it needs.
-        ids: list[list[int]] = self._tokenizer(prompts, add_special_tokens=not self._chat).input_ids
-        return ids
 
     # ---- scoring
 
@@ -387,11 +366,11 @@ class CausalLMStudent:
         scores: list[list[float]] = []
         for start in range(0, len(prompts), _PROMPTS_PER_PASS):
             chunk = prompts[start : start + _PROMPTS_PER_PASS]
-            input_ids, attention_mask = self._left_pad(chunk)
+            input_ids, attention_mask = left_pad(chunk, self._pad)
             output = self._model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=_position_ids(attention_mask),
+                position_ids=position_ids(attention_mask),
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -425,15 +404,6 @@ class CausalLMStudent:
                     row_scores.append(float(first[b, ids[0]]) + later)
                 scores.append(row_scores)
         return scores
-
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row) :] = 1
-        return input_ids, attention_mask
 
     def _classify(self, prompts: list[list[int]]) -> list[Prediction]:
         labels = self._policy.labels
@@ -502,8 +472,8 @@ class CausalLMStudent:
         finished = [False] * rows
         stopped: list[str | None] = [None] * rows  # why the constraint gave up on a row
 
-        step_ids, attention_mask = self._left_pad(prompts)
-        positions = _position_ids(attention_mask)
+        step_ids, attention_mask = left_pad(prompts, self._pad)
+        positions = position_ids(attention_mask)
         past: Any = None
         for _ in range(self._policy.student.max_new_tokens):
             output = self._model(
@@ -561,8 +531,3 @@ class CausalLMStudent:
     def _validated(self, text: str, confidence: float) -> Prediction:
         assert self._validator is not None  # set for every JSON task
         return validated_json(text, confidence, self._validator)
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token (left padding gets position 0)."""
-    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)

@@ -22,9 +22,10 @@ import threading
 from pathlib import Path
 
 from distilld.errors import BackendError, ConfigError, DistilldError
-from distilld.log import alert, get_logger
+from distilld.log import get_logger
 from distilld.serving.vllm import VllmStudent
 from distilld.serving.vllm_server import ManagedVllmServer
+from distilld.telemetry.alerts import alert
 
 #: How often the watchdog looks at the managed server.
 WATCH_INTERVAL_S = 2.0

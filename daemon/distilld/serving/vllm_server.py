@@ -46,6 +46,7 @@ import httpx
 from distilld.credentials import child_environment
 from distilld.errors import BackendError
 from distilld.logfiles import LogPump, LogRotation, RotatingLog
+from distilld.openai_http import served_model_ids
 
 #: How many log lines an error message quotes.
 LOG_TAIL_LINES = 30
@@ -415,9 +416,8 @@ class ManagedVllmServer:
 
 def _served_ids(response: httpx.Response) -> list[str]:
     try:
-        body = response.json()
-        return [str(item["id"]) for item in body["data"]]
-    except (ValueError, KeyError, TypeError):
+        return served_model_ids(response.json())
+    except ValueError:  # not JSON, or not a model list (MalformedAnswer)
         return []
 
 

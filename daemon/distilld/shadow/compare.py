@@ -24,14 +24,14 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import jsonschema
 
 # CompareError is defined in distilld.errors and re-exported here.
 from distilld.errors import CompareError as CompareError
+from distilld.vocabulary import TaskKind
 
-TaskKindName = Literal["classification", "extraction", "generation"]
 # Schema errors kept per comparison: enough to see what is wrong, bounded in size.
 MAX_SCHEMA_ERRORS = 5
 
@@ -217,7 +217,7 @@ def _details(scores: FieldScores) -> dict[str, float]:
 
 
 def compare(
-    kind: TaskKindName,
+    kind: TaskKind,
     student: Any,
     teacher: Any,
     *,

@@ -28,16 +28,20 @@ although the daemon makes it off that path.
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from distilld.monitoring.config import LENGTH_SEGMENT_KEY, OTHER_SEGMENT_VALUE, SamplingConfig
+from distilld.monitoring.config import SamplingConfig
+from distilld.vocabulary import (
+    LENGTH_SEGMENT_KEY,
+    OTHER_SEGMENT_VALUE,
+    length_bucket,
+    segment_label,
+)
 
-LENGTH_KEY = LENGTH_SEGMENT_KEY
 MAX_SEGMENT_VALUE_CHARS = 64
 
 
@@ -54,16 +58,6 @@ class SamplingDecision:
     probability: float
     segment: dict[str, str]
     reasons: tuple[str, ...] = ()
-
-
-def length_bucket(length: int, boundaries: Sequence[int]) -> str:
-    """The bucket name of a character length: ``<64``, ``64-255``, ..., ``>=1024``."""
-    if length < boundaries[0]:
-        return f"<{boundaries[0]}"
-    for low, high in itertools.pairwise(boundaries):
-        if length < high:
-            return f"{low}-{high - 1}"
-    return f">={boundaries[-1]}"
 
 
 def segment_of(
@@ -84,7 +78,7 @@ def segment_of(
             segment[key] = "true" if value else "false"
         elif isinstance(value, str | int | float):
             segment[key] = str(value)[:MAX_SEGMENT_VALUE_CHARS]
-    segment[LENGTH_KEY] = length_bucket(len(text), config.length_buckets)
+    segment[LENGTH_SEGMENT_KEY] = length_bucket(len(text), config.length_buckets)
     return segment
 
 
@@ -118,7 +112,7 @@ class SegmentValues:
         admitted: dict[str, str] = {}
         for key, value in segment.items():
             # The length bucket is bounded by the policy; "other" is the pool itself.
-            pooled = key == LENGTH_KEY or value == OTHER_SEGMENT_VALUE
+            pooled = key == LENGTH_SEGMENT_KEY or value == OTHER_SEGMENT_VALUE
             admitted[key] = value if pooled else self._place(key, value)
         return admitted
 
@@ -164,7 +158,7 @@ def decide(
     reasons: list[str] = []
 
     rare = [
-        f"{key}={value}"
+        segment_label(key, value)
         for key, value in segment.items()
         if counts.get((key, value), 0) < config.min_per_segment
     ]

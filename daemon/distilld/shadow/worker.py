@@ -54,21 +54,23 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, cast
+from typing import Any
 
-from distilld.log import alert, get_logger
+from distilld.log import get_logger
 from distilld.monitoring.config import SamplingConfig
 from distilld.monitoring.features import words
 from distilld.policy.model import Policy
 from distilld.serving.base import StudentBackend
-from distilld.shadow.compare import CompareError, OutputSchema, TaskKindName, compare
-from distilld.shadow.sampler import LENGTH_KEY, SegmentValues, decide, segment_of
+from distilld.shadow.compare import CompareError, OutputSchema, compare
+from distilld.shadow.sampler import SegmentValues, decide, segment_of
 from distilld.store.base import AlertEvent, Output, SampleStore, StoredComparison, TrafficSample
 from distilld.teacher.base import Teacher, TeacherAnswer, TeacherError, TeacherUnavailable
+from distilld.telemetry.alerts import alert
+from distilld.telemetry.latch import Latch
+from distilld.vocabulary import LENGTH_SEGMENT_KEY, TASK_KINDS, TaskKind
 
 Clock = Callable[[], float]
 
-TASK_KINDS = ("classification", "extraction", "generation")
 # A batch with at least this share of unusable answers means the teacher, not one
 # odd input, is at fault: worth an alert.
 BAD_ANSWER_SHARE = 0.5
@@ -295,9 +297,11 @@ class ShadowWorker:
             if t.teacher is not None
         }
         self._retry_at: dict[str, float] = {}
-        self._outages: dict[str, _Outage] = {}
-        self._bad_answers: set[str] = set()
-        self._store_failing = False
+        # Alert once per spell (breach and recovery edges): a task's teacher outage,
+        # a task's teacher giving unusable answers, the store refusing writes.
+        self._outages: Latch[str, _Outage] = Latch()
+        self._bad_answers: Latch[str, bool] = Latch()
+        self._store_failing: Latch[str, bool] = Latch()
         self._teacher_calls: Counter[str] = Counter()  # inputs sent to the teacher, per task
         # task -> (candidate backend, share of compared requests it answers)
         self._candidates: dict[str, tuple[StudentBackend, float]] = {}
@@ -383,7 +387,7 @@ class ShadowWorker:
             raise RuntimeError("the shadow worker was started already; build a new one")
         for task, counts in self._counts.items():
             window = self._tasks[task].window
-            keys = {*(self._tasks[task].sampling.segment_keys or ()), LENGTH_KEY}
+            keys = {*(self._tasks[task].sampling.segment_keys or ()), LENGTH_SEGMENT_KEY}
             try:
                 for stored in self._store.last_comparisons(task, window):
                     # Only the declared keys, pooled as new comparisons are (rows may
@@ -696,7 +700,7 @@ class ShadowWorker:
             item = sampled.offer
             try:
                 result = compare(
-                    cast(TaskKindName, task.kind),
+                    TaskKind(task.kind),
                     item.output,
                     answer.output,
                     labels=task.labels,
@@ -752,14 +756,13 @@ class ShadowWorker:
         now = self._clock()
         with self._lock:
             self._retry_at[task] = now + wait
+            started = self._outages.set(task, _Outage(since=now))
             outage = self._outages.get(task)
-            if outage is None:
-                self._outages[task] = _Outage(since=now)
-            else:
+            if not started and outage is not None:
                 outage.failures += 1
         self.stats.add("paused", lost)
         error = f"{type(exc).__name__}: {exc}"
-        if outage is not None:
+        if not started:
             self._log.info("teacher.still_unavailable", task=task, error=error, retry_in_s=wait)
             return
         alert(
@@ -777,7 +780,7 @@ class ShadowWorker:
     def _on_answered(self, task: str) -> None:
         with self._lock:
             self._retry_at.pop(task, None)
-            outage = self._outages.pop(task, None)
+            outage = self._outages.clear(task)
         if outage is None:
             return
         outage_s = round(self._clock() - outage.since, 3)
@@ -796,13 +799,11 @@ class ShadowWorker:
 
     def _note_answer_quality(self, task: str, unusable: int, total: int) -> None:
         bad = total > 0 and unusable / total >= BAD_ANSWER_SHARE
-        with self._lock:
-            was_bad = task in self._bad_answers
-            if bad:
-                self._bad_answers.add(task)
-            else:
-                self._bad_answers.discard(task)
-        if bad and not was_bad:
+        if bad:
+            edge = self._bad_answers.set(task, True)
+        else:
+            edge = self._bad_answers.clear(task) is not None
+        if bad and edge:
             alert(
                 self._log,
                 "teacher.bad_answers",
@@ -814,7 +815,7 @@ class ShadowWorker:
                 "label set or schema",
             )
             self._record_alert(task, "teacher_bad_answers", {"unusable": unusable, "batch": total})
-        elif was_bad and not bad:
+        elif edge:
             alert(
                 self._log,
                 "teacher.answers_ok_again",
@@ -840,10 +841,7 @@ class ShadowWorker:
             getattr(self._store, method)(payload)
         except Exception as exc:
             self.stats.add("store_errors")
-            with self._lock:
-                first = not self._store_failing
-                self._store_failing = True
-            if first:
+            if self._store_failing.set("store", True):
                 alert(
                     self._log,
                     "shadow.store_failed",
@@ -854,10 +852,7 @@ class ShadowWorker:
                     "writes again; serving is unaffected",
                 )
             return False
-        with self._lock:
-            recovered = self._store_failing
-            self._store_failing = False
-        if recovered:
+        if self._store_failing.clear("store") is not None:
             self._log.info("shadow.store_ok_again", operation=method)
         return True
 

@@ -1,9 +1,9 @@
 """A teacher behind an OpenAI-compatible chat-completions API (vLLM or a hosted service).
 
 Every input of a batch is its own HTTP request, sent concurrently (bounded by
-``concurrency``) from a private asyncio loop on a background thread, as the
-vLLM student backend does; ``label`` stays synchronous for the worker thread
-that calls it.
+``concurrency``) through the client shared with the vLLM student backend
+(:mod:`distilld.openai_http`, which also maps HTTP errors and reads the
+answers); ``label`` stays synchronous for the worker thread that calls it.
 
 Requests per task kind and ``constraint`` setting:
 
@@ -33,26 +33,29 @@ may echo a rejected key back in its error body).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
-import threading
 import time
-from collections.abc import Coroutine, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import jsonschema
 
-from distilld.credentials import Redactor, read_api_key
-from distilld.errors import PolicyError
+from distilld.credentials import read_api_key
+from distilld.errors import BackendUnavailable, EndpointRefused, PolicyError
 from distilld.log import get_logger
 from distilld.modelpaths import resolve_secret_file
-from distilld.policy.model import Policy, TaskKind
+from distilld.openai_http import (
+    ChatAnswer,
+    OpenAIHttp,
+    label_confidence,
+    mean_token_probability,
+    token_top_logprobs,
+)
+from distilld.policy.model import Policy
 from distilld.serving.base import validated_json
-from distilld.serving.vllm import choice_prediction, mean_token_probability
 from distilld.teacher.base import (
     TeacherAnswer,
     TeacherBudgetExhausted,
@@ -70,19 +73,14 @@ from distilld.teacher.resilience import (
     Clock,
     retry_async,
 )
+from distilld.vocabulary import TaskKind
 
-T = TypeVar("T")
-
-# Statuses worth retrying: the server is overloaded, restarting or rate-limiting us.
-_RETRYABLE_STATUS = frozenset({408, 429})
+#: Where the chat completions are, under the teacher's base URL (which ends in /v1).
+CHAT_PATH = "chat/completions"
 # Statuses that refuse this one input (too long, unprocessable); the server itself is fine.
 _INPUT_REFUSED_STATUS = frozenset({400, 413, 422})
 # What a chat model wraps a one-word answer in: whitespace, quotes, final punctuation.
 _NOISE = " \t\r\n\"'`.!?"
-
-
-class _InputRefused(TeacherError):
-    """The endpoint refused one input; becomes that input's answer error."""
 
 
 class OpenAITeacher:
@@ -97,6 +95,7 @@ class OpenAITeacher:
         secrets_dir: Path | None = None,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._config = config
         self._kind = policy.kind
@@ -117,12 +116,6 @@ class OpenAITeacher:
             )
         self._prompt = prompt
 
-        headers: dict[str, str] = {}
-        key = teacher_api_key(config, environ, secrets_dir=secrets_dir)
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        self._redact = Redactor(key)
-
         self._breaker = CircuitBreaker(
             config.breaker_failure_threshold, config.breaker_reset_s, clock=clock
         )
@@ -130,15 +123,16 @@ class OpenAITeacher:
         self._backoff = Backoff(config.backoff_base_s, config.backoff_max_s)
         self._rng = rng or random.Random()
         self._log = get_logger("teacher").bind(teacher="openai", model=config.model)
-
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="teacher-client", daemon=True
+        self._http = OpenAIHttp(
+            config.base_url,
+            name="teacher",
+            api_key=teacher_api_key(config, environ, secrets_dir=secrets_dir),
+            concurrency=config.concurrency,
+            timeout_s=config.timeout_s,
+            timeout_field="teacher.timeout_s",
+            transport=transport,
+            thread_name="teacher-client",
         )
-        self._thread.start()
-        self._client: httpx.AsyncClient = self._run(self._make_client(headers))
-        self._semaphore: asyncio.Semaphore = self._run(self._make_semaphore())
-        self._closed = False
 
     def __repr__(self) -> str:
         return (
@@ -155,7 +149,7 @@ class OpenAITeacher:
                 raise TeacherError(
                     f"input {index} of the batch is a {type(text).__name__}, expected str"
                 )
-        if self._closed:
+        if self._http.closed:
             raise TeacherError(f"{self!r} is closed; build a new teacher to label inputs")
         if not texts:
             return []
@@ -176,14 +170,14 @@ class OpenAITeacher:
                     "in the policy to compare more)",
                     retry_after_s=wait,
                 )
-            return self._run(self._label_all(texts))
+            return self._http.run(self._label_all(texts))
         finally:
             # A half-open probe that ended without an outcome (budget refused it)
             # must not block every later call.
             self._breaker.release()
 
     def status(self) -> TeacherStatus:
-        if self._closed:
+        if self._http.closed:
             return TeacherStatus(available=False, reason="closed")
         if self._breaker.state is BreakerState.open:
             return TeacherStatus(
@@ -204,31 +198,9 @@ class OpenAITeacher:
         return TeacherStatus(available=True, calls_left=remaining)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._run(self._client.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
+        self._http.close()
 
     # -- the asyncio side -----------------------------------------------------------
-
-    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result()
-
-    async def _make_client(self, headers: dict[str, str]) -> httpx.AsyncClient:
-        concurrency = self._config.concurrency
-        return httpx.AsyncClient(
-            base_url=self._config.base_url + "/",
-            headers=headers,
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            timeout=httpx.Timeout(self._config.timeout_s),
-        )
-
-    async def _make_semaphore(self) -> asyncio.Semaphore:
-        return asyncio.Semaphore(self._config.concurrency)
 
     async def _label_all(self, texts: list[str]) -> list[TeacherAnswer]:
         # Wait for every request, even after one failed: none keeps running
@@ -244,26 +216,28 @@ class OpenAITeacher:
     async def _label_one(self, text: str) -> TeacherAnswer:
         body = self._body(text)
 
-        async def attempt() -> tuple[str, list[dict[str, Any]]]:
-            doc = await self._post(body)
-            try:
-                return _read_completion(doc, self._config.base_url, self._redact)
-            except TeacherUnavailable as exc:
-                raise TeacherUnavailable(self._redact(str(exc))) from None
+        async def attempt() -> ChatAnswer:
+            return await self._http.chat(CHAT_PATH, body)
 
         try:
-            content, tokens = await retry_async(
+            answer = await retry_async(
                 attempt,
                 retries=self._config.max_retries,
                 backoff=self._backoff,
-                retryable=lambda exc: isinstance(exc, TeacherUnavailable),
+                retryable=lambda exc: isinstance(exc, BackendUnavailable),
                 rng=self._rng,
                 on_retry=self._log_retry,
             )
-        except _InputRefused as exc:
-            self._breaker.record_success()  # the server answered; the input was the problem
-            return TeacherAnswer(output="", confidence=0.0, error=str(exc))
-        except TeacherUnavailable as exc:
+        except EndpointRefused as exc:
+            if exc.status in _INPUT_REFUSED_STATUS:
+                self._breaker.record_success()  # the server answered; the input was the problem
+                return TeacherAnswer(output="", confidence=0.0, error=str(exc))
+            self._breaker.record_failure()
+            raise TeacherError(
+                f"{exc}; check teacher.base_url, teacher.model and the key in "
+                f"{self._config.api_key_env or '(no api_key_env set)'}"
+            ) from None
+        except BackendUnavailable as exc:
             self._breaker.record_failure()
             self._log.info(
                 "teacher.request_failed", error=str(exc), attempts=self._config.max_retries + 1
@@ -272,13 +246,10 @@ class OpenAITeacher:
                 f"{exc} (after {self._config.max_retries + 1} attempts)",
                 retry_after_s=self._breaker.retry_after(),
             ) from None
-        except TeacherError:
-            self._breaker.record_failure()
-            raise
         self._breaker.record_success()
         if self._kind is TaskKind.classification:
-            return self._label_answer(content, tokens)
-        return self._json_answer(content, tokens)
+            return self._label_answer(answer.content, answer.tokens)
+        return self._json_answer(answer.content, answer.tokens)
 
     def _log_retry(self, attempt: int, error: BaseException, delay: float) -> None:
         self._log.debug(
@@ -309,52 +280,9 @@ class OpenAITeacher:
             }
         return body
 
-    async def _post(self, body: dict[str, Any]) -> Any:
-        where = f"teacher at {self._config.base_url}"
-        async with self._semaphore:
-            try:
-                # httpx's timeout bounds each phase; this bounds the whole request
-                # (a server that trickles bytes never trips a per-read timeout).
-                async with asyncio.timeout(self._config.timeout_s):
-                    response = await self._client.post("chat/completions", json=body)
-            except TimeoutError:
-                raise TeacherUnavailable(
-                    f"{where} did not answer within teacher.timeout_s={self._config.timeout_s} s"
-                ) from None
-            except httpx.RequestError as exc:  # connect, read, protocol, decoding errors
-                raise TeacherUnavailable(
-                    self._redact(f"{where} did not answer: {type(exc).__name__}: {exc}")
-                ) from None
-        status = response.status_code
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            raise TeacherUnavailable(
-                self._redact(f"{where} answered HTTP {status}: {self._shown(response.text)}")
-            )
-        if status in _INPUT_REFUSED_STATUS:
-            detail = self._shown(response.text)
-            message = f"{where} refused the input (HTTP {status}): {detail}"
-            raise _InputRefused(self._redact(message))
-        if status >= 400:
-            raise TeacherError(
-                self._redact(
-                    f"{where} refused the request (HTTP {status}): {self._shown(response.text)}; "
-                    "check teacher.base_url, teacher.model and the key in "
-                    f"{self._config.api_key_env or '(no api_key_env set)'}"
-                )
-            )
-        try:
-            return response.json()
-        except ValueError:
-            raise TeacherUnavailable(
-                self._redact(
-                    f"{where} answered HTTP {status} with a body that is not JSON: "
-                    f"{self._shown(response.text)!r}"
-                )
-            ) from None
-
     def _shown(self, text: str) -> str:
         """Text from the endpoint as an error quotes it: the key masked first, then cut."""
-        return self._redact.excerpt(text)
+        return self._http.redact.excerpt(text)
 
     # -- answers --------------------------------------------------------------------
 
@@ -374,12 +302,12 @@ class OpenAITeacher:
                 f"{list(self._labels)}{hint}",
             )
         # The label's own probability and, where the first token's top-k covers
-        # every label, the distribution (vLLM student backend logic).
-        prediction = choice_prediction(label, tokens, self._labels)
+        # every label, the distribution (as the vLLM student backend reads it).
+        confidence, distribution = label_confidence(label, tokens, self._labels)
         return TeacherAnswer(
             output=label,
-            confidence=prediction.confidence,
-            probabilities=prediction.probabilities,
+            confidence=confidence,
+            probabilities=distribution,
             top_logprobs=token_top_logprobs(tokens),
         )
 
@@ -421,26 +349,6 @@ def teacher_api_key(
     )
 
 
-def token_top_logprobs(tokens: list[dict[str, Any]]) -> tuple[dict[str, float], ...] | None:
-    """Per answer token, its top-k alternatives (token -> log-probability), the chosen
-    token included; None when the answer came without log-probabilities."""
-    steps: list[dict[str, float]] = []
-    for token in tokens:
-        step: dict[str, float] = {}
-        for alternative in token.get("top_logprobs") or []:
-            if isinstance(alternative, dict) and isinstance(alternative.get("token"), str):
-                logprob = alternative.get("logprob")
-                if isinstance(logprob, int | float):
-                    step[alternative["token"]] = float(logprob)
-        chosen, logprob = token.get("token"), token.get("logprob")
-        if isinstance(chosen, str) and isinstance(logprob, int | float):
-            step.setdefault(chosen, float(logprob))
-        if not step:
-            return None
-        steps.append(step)
-    return tuple(steps) or None
-
-
 def match_label(content: str, labels: Sequence[str]) -> str | None:
     """The label an answer names: exactly, or ignoring case, surrounding whitespace,
     quotes and final punctuation ("Fresh." names "fresh"). None when it names no
@@ -454,22 +362,6 @@ def match_label(content: str, labels: Sequence[str]) -> str | None:
 
 def _normalise(text: str) -> str:
     return text.strip(_NOISE).casefold()
-
-
-def _read_completion(doc: Any, base_url: str, redact: Redactor) -> tuple[str, list[dict[str, Any]]]:
-    """The answer text and its token log-probabilities from a chat completion."""
-    try:
-        choice = doc["choices"][0]
-        content = choice["message"]["content"] or ""
-        tokens = (choice.get("logprobs") or {}).get("content") or []
-        if not isinstance(content, str) or not isinstance(tokens, list):
-            raise TypeError("content must be a string and logprobs.content a list")
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise TeacherUnavailable(
-            f"teacher at {base_url} answered a chat completion without "
-            f"choices[0].message.content ({exc}): {redact.excerpt(json.dumps(doc, default=str))}"
-        ) from None
-    return content, [t for t in tokens if isinstance(t, dict)]
 
 
 def _strip_code_fence(content: str) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
+from distilld.vocabulary import backoff_ceiling
+
 T = TypeVar("T")
 Clock = Callable[[], float]
 
@@ -48,8 +50,7 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """The longest wait before retry ``attempt``."""
-        # Cap the exponent: 2**1100 overflows a float long before anyone retries that often.
-        return min(self.max_s, self.base_s * 2.0 ** min(attempt, 64))
+        return backoff_ceiling(attempt, self.base_s, self.max_s)
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """A random wait before retry ``attempt`` (0-based)."""

@@ -31,13 +31,16 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
+from prometheus_client import Histogram
 
 from distilld.echo import clip, quote
 from distilld.errors import BackendUnavailable
-from distilld.log import alert, get_logger
-from distilld.ops.metrics import LatencyHistogram
+from distilld.log import get_logger
 from distilld.serving.base import Prediction, StudentBackend
 from distilld.serving.batcher import MicroBatcher
+from distilld.telemetry.alerts import alert
+from distilld.telemetry.latch import Latch
+from distilld.telemetry.metrics import latency_histogram
 from distilld.traffic.kafka import record_refused
 from distilld.traffic.offsets import OffsetTracker
 from distilld.traffic.records import (
@@ -51,12 +54,14 @@ from distilld.traffic.records import (
     parse_request,
     record_budget,
 )
+from distilld.vocabulary import backoff_ceiling
 
 _IDLE_POLL_S = 0.1  # how long an idle poll blocks: bounds the reaction time to SIGTERM
 _RESEND_BACKOFF_S = 1.0  # the first resend of a failed send; doubles up to the next
 _RESEND_MAX_BACKOFF_S = 30.0
 _HOLD_FIRST_RETRY_S = 0.5  # first retry of a batch whose backend is unavailable
 _HOLD_MAX_RETRY_S = 30.0  # the back-off doubles up to this
+_LAG_INTERVAL_S = 5.0  # how often the consumer lag per partition is measured
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,9 @@ class ServingStats:
     answered_by_task: Counter[str] = field(default_factory=Counter)
     # (task, reason); task "" when the record named no known task.
     dead_lettered_by_task: Counter[tuple[str, str]] = field(default_factory=Counter)
-    latency_by_task: dict[str, LatencyHistogram] = field(default_factory=dict)
+    latency_by_task: dict[str, Histogram] = field(default_factory=dict)
+    # (topic, partition) -> records on the broker not yet polled, every _LAG_INTERVAL_S.
+    lag_by_partition: dict[tuple[str, int], int] = field(default_factory=dict)
     batches: int = 0
     batch_items: int = 0
     invalid_outputs: int = 0
@@ -191,7 +198,9 @@ class ServingLoop:
             self._topic_dead_letter.setdefault(route.requests_topic, route.dead_letter_topic)
         self._fallback_dead_letter_topic = fallback_dead_letter_topic
         self._on_answered = on_answered
-        self._hook_failed = False
+        # Alert once per spell (breach and recovery edges): the answered hook failing
+        # (once per loop, never cleared), a task's student failing, a task's outage.
+        self._hook_failed: Latch[str, bool] = Latch()
         self._max_message_bytes = max_message_bytes
         self._commit_interval_s = commit_interval_ms / 1000.0
         self._stats_interval_s = stats_interval_s
@@ -212,10 +221,12 @@ class ServingLoop:
         )
         self._last_commit = 0.0
         self._last_stats = time.monotonic()
-        self._failing_tasks: set[str] = set()
+        self._last_lag = -_LAG_INTERVAL_S
+        self._next_offset: dict[TopicPartition, int] = {}  # after the last polled record
+        self._failing_tasks: Latch[str, bool] = Latch()
         # Requests held while their task's backend is unavailable, and the outages.
         self._held: dict[str, list[_Waiting]] = {}
-        self._outages: dict[str, _Outage] = {}
+        self._outages: Latch[str, _Outage] = Latch()
         self._paused = False
         self.stats = ServingStats()
         # Set once the consumer group gave this loop its partitions (readiness).
@@ -249,6 +260,8 @@ class ServingLoop:
         for partition, records in polled.items():
             for record in records:
                 self._accept(partition, record, now)
+            if records:
+                self._next_offset[partition] = records[-1].offset + 1
         self._retry_held(force=False)
         self._answer_due_batches(force=False)
         self._pause_while_held()
@@ -256,6 +269,7 @@ class ServingLoop:
         self._resend_failed()
         self._maybe_commit(force=False)
         self._maybe_log_stats()
+        self._maybe_measure_lag()
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Answer everything already polled, wait for the broker's acks and commit.
@@ -409,9 +423,8 @@ class ServingLoop:
             self._on_backend_failure(task, batch, exc)
             return True
         self._release(task)
-        if task in self._failing_tasks:
-            self._failing_tasks.discard(task)
-            self._log.info("student.recovered", task=task, alert=True, severity="info")
+        if self._failing_tasks.clear(task):
+            alert(self._log, "student.recovered", severity="info", task=task)
         self.stats.batches += 1
         self.stats.batch_items += len(batch)
         done_at = time.monotonic()
@@ -422,16 +435,14 @@ class ServingLoop:
 
     def unavailable_tasks(self) -> set[str]:
         """Tasks whose student is in an outage now (requests held): readiness."""
-        return set(list(self._outages))  # a copy taken under the GIL in one step
+        return set(self._outages.held())
 
     # -- backend outages --------------------------------------------------------
 
     def _hold(self, task: str, batch: list[_Waiting], exc: Exception) -> None:
         self._held.setdefault(task, []).extend(batch)
         now = time.monotonic()
-        outage = self._outages.get(task)
-        if outage is None:
-            self._outages[task] = _Outage(retry_at=now + _HOLD_FIRST_RETRY_S)
+        if self._outages.set(task, _Outage(retry_at=now + _HOLD_FIRST_RETRY_S)):
             alert(
                 self._log,
                 "student.unavailable",
@@ -443,8 +454,11 @@ class ServingLoop:
                 "nothing is committed or dead-lettered meanwhile",
             )
             return
+        outage = self._outages.get(task)
+        if outage is None:  # only the loop thread clears an outage: cannot happen
+            return
         outage.attempts += 1
-        delay = min(_HOLD_MAX_RETRY_S, _HOLD_FIRST_RETRY_S * 2 ** (outage.attempts - 1))
+        delay = backoff_ceiling(outage.attempts - 1, _HOLD_FIRST_RETRY_S, _HOLD_MAX_RETRY_S)
         outage.retry_at = now + delay * random.uniform(0.8, 1.2)
         self._log.info(
             "student.retry_failed",
@@ -455,13 +469,13 @@ class ServingLoop:
         )
 
     def _release(self, task: str) -> None:
-        outage = self._outages.pop(task, None)
+        outage = self._outages.clear(task)
         if outage is not None:
-            self._log.info(
+            alert(
+                self._log,
                 "student.available_again",
-                task=task,
-                alert=True,
                 severity="info",
+                task=task,
                 attempts=outage.attempts,
                 outage_s=round(time.monotonic() - outage.since, 2),
             )
@@ -524,7 +538,7 @@ class ServingLoop:
         self.stats.answered_by_task[route.task] += 1
         histogram = self.stats.latency_by_task.get(route.task)
         if histogram is None:
-            histogram = self.stats.latency_by_task[route.task] = LatencyHistogram()
+            histogram = self.stats.latency_by_task[route.task] = latency_histogram()
         histogram.observe(done_at - waiting.received_at)
         self._send(
             waiting.partition,
@@ -558,8 +572,7 @@ class ServingLoop:
         try:
             self._on_answered(request, prediction, prediction.model_version or model_version)
         except Exception as exc:
-            if not self._hook_failed:
-                self._hook_failed = True
+            if self._hook_failed.set("answered_hook", True):
                 alert(
                     self._log,
                     "shadow.hook_failed",
@@ -570,8 +583,7 @@ class ServingLoop:
                 )
 
     def _on_backend_failure(self, task: str, batch: list[_Waiting], exc: Exception) -> None:
-        if task not in self._failing_tasks:
-            self._failing_tasks.add(task)
+        if self._failing_tasks.set(task, True):
             alert(
                 self._log,
                 "student.failed",
@@ -624,7 +636,9 @@ class ServingLoop:
                 self._on_refused(partition, offset, outgoing, error)
             else:
                 outgoing.attempts += 1
-                delay = min(_RESEND_MAX_BACKOFF_S, _RESEND_BACKOFF_S * 2 ** (outgoing.attempts - 1))
+                delay = backoff_ceiling(
+                    outgoing.attempts - 1, _RESEND_BACKOFF_S, _RESEND_MAX_BACKOFF_S
+                )
                 self._log.warning(
                     "serving.send_failed",
                     topic=outgoing.topic,
@@ -741,6 +755,26 @@ class ServingLoop:
             self._last_stats = now
             self._log.info("serving.stats", **self.stats.snapshot())
 
+    def _maybe_measure_lag(self) -> None:
+        """The lag of each assigned partition: the broker's high watermark known from the
+        last fetch minus the offset after the last record polled (no broker request;
+        a partition is skipped until it returned a record and a fetch told its high
+        watermark)."""
+        now = time.monotonic()
+        if now - self._last_lag < _LAG_INTERVAL_S:
+            return
+        self._last_lag = now
+        lag: dict[tuple[str, int], int] = {}
+        for partition in self._consumer.assignment():
+            position = self._next_offset.get(partition)
+            try:
+                highwater = self._consumer.highwater(partition)
+            except KafkaError:  # revoked since assignment() answered
+                continue
+            if position is not None and highwater is not None:
+                lag[(partition.topic, partition.partition)] = max(0, highwater - position)
+        self.stats.lag_by_partition = lag
+
     # -- rebalance --------------------------------------------------------------
 
     def _apply_revocations(self) -> None:
@@ -758,6 +792,8 @@ class ServingLoop:
                 return
             gone = set(revoked)
             self._tracker.forget(list(gone))
+            for partition in gone:
+                self._next_offset.pop(partition, None)
             for key in [k for k in self._in_flight if k[0] in gone]:
                 del self._in_flight[key]
             self._log.info("serving.partitions_revoked", partitions=sorted(str(tp) for tp in gone))

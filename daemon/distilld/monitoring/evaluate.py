@@ -1,4 +1,5 @@
-"""Policy evaluation: measurements in, verdicts out; verdicts in, alert events out.
+"""A check's measurements judged against the policy's monitors: measurements in,
+verdicts out; verdicts in, alert events out.
 
 Two pure functions, no I/O and no logging (the caller logs the events):
 
@@ -19,10 +20,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from distilld.monitoring.accuracy import OVERALL, AccuracyMeasurement, AccuracyStat
+from distilld.monitoring.accuracy import AccuracyMeasurement, AccuracyStat
 from distilld.monitoring.config import AccuracyMonitorConfig, DriftMonitorConfig, MonitorsConfig
 from distilld.monitoring.drift import DriftMeasurement
 from distilld.monitoring.features import MonitoringError
+from distilld.vocabulary import OVERALL
 
 DRIFT_METRIC = "drift_share"
 

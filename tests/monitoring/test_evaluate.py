@@ -21,8 +21,7 @@ from distilld.monitoring.config import (
     SegmentAccuracyConfig,
 )
 from distilld.monitoring.drift import DriftMeasurement
-from distilld.monitoring.features import MonitoringError
-from distilld.policy.evaluate import (
+from distilld.monitoring.evaluate import (
     DRIFT_METRIC,
     AlertKey,
     AlertState,
@@ -35,6 +34,7 @@ from distilld.policy.evaluate import (
     evaluate,
     transition,
 )
+from distilld.monitoring.features import MonitoringError
 
 ACCURACY = AccuracyMonitorConfig(
     window=1000,

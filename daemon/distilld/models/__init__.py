@@ -1,0 +1,1 @@
+"""What training and serving must compute identically for a student model."""
