@@ -33,6 +33,7 @@ teacher:
   base_url: http://127.0.0.1:9/v1
   model: big-teacher
   prompt: "Is this review fresh or rotten?\\nReview: {input}"
+retraining: {}
 """
 
 # Runs distilld.cli.main with the arguments, then writes the exit code and the names of
@@ -58,6 +59,7 @@ COMMANDS = {
     "report": ["report", "--out", "{tmp}/report.html"],
     "--help": ["--help"],
     "status --help": ["status", "--help"],
+    "retrain": ["retrain", "reviews"],  # leaves a request file for the daemon
 }
 
 

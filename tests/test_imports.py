@@ -181,7 +181,7 @@ def test_monitoring_sits_below_the_policy_model() -> None:
 
 
 SERVING_LOOP = "distilld.traffic.loop"
-ABOVE_THE_LOOP = ("distilld.ops.http", "distilld.registry")
+ABOVE_THE_LOOP = ("distilld.ops.http", "distilld.ops.server", "distilld.registry")
 
 
 def test_the_serving_loop_imports_neither_the_http_server_nor_the_registry() -> None:

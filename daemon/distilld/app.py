@@ -32,11 +32,13 @@ from distilld.policy.model import Policy
 from distilld.registry import ModelRegistry
 from distilld.retention import Retention, RetentionConfig
 from distilld.retrain.config import RetrainingConfig
-from distilld.retrain.manager import RetrainManager, RetrainTask
+from distilld.retrain.manager import RetrainManager
+from distilld.retrain.task import RetrainTask
 from distilld.scheduler import MonitorJob, MonitorScheduler
 from distilld.serving.base import Prediction, StudentBackend
 from distilld.settings import KafkaConfig, Settings
-from distilld.shadow.worker import ShadowTask, ShadowWorker
+from distilld.shadow.task import ShadowTask
+from distilld.shadow.worker import ShadowWorker
 from distilld.store.sqlite import SqliteStore
 from distilld.students import Students, load_students, load_version, log_rotation
 from distilld.teacher.base import Teacher

@@ -30,7 +30,8 @@ from distilld.serving.vllm_deployment import VllmDeployment
 from distilld.settings import KafkaConfig, Settings
 from distilld.students import Students
 from distilld.telemetry.alerts import alert
-from distilld.traffic.loop import ServingLoop, ServingStats
+from distilld.traffic.loop import ServingLoop
+from distilld.traffic.stats import ServingStats
 
 
 @dataclass

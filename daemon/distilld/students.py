@@ -18,7 +18,7 @@ from distilld.logfiles import LogRotation
 from distilld.policy.model import Architecture, Policy, VllmPolicy
 from distilld.preflight import check_vllm_student, external_student, vllm_student_api_key
 from distilld.registry import ModelRegistry
-from distilld.retrain.manager import ModelSlot
+from distilld.retrain.task import ModelSlot
 from distilld.serving.base import StudentBackend
 from distilld.serving.local import load_local_student
 from distilld.serving.swap import (

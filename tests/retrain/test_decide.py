@@ -24,7 +24,8 @@ from distilld.retrain.decide import (
     shadow_verdict,
     size_warnings,
 )
-from distilld.retrain.manager import shadow_pairs, watch_scores
+from distilld.retrain.rollout import watch_scores
+from distilld.retrain.shadow_run import shadow_pairs
 from support.records import comparison
 
 # --------------------------------------------------------------------------- triggers

@@ -28,7 +28,9 @@ from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
 from distilld.retrain.decide import first_size
 from distilld.retrain.gates import GateCheck, GateReport
-from distilld.retrain.manager import RetrainManager, RetrainTask, request_retraining
+from distilld.retrain.manager import RetrainManager
+from distilld.retrain.requests import request_retraining
+from distilld.retrain.rollout import RolloutState, rollout_state
 from distilld.retrain.run import (
     JobInputs,
     JobResult,
@@ -36,9 +38,11 @@ from distilld.retrain.run import (
     RetrainError,
     run_retraining,
 )
+from distilld.retrain.task import RetrainTask
 from distilld.serving.base import Prediction
 from distilld.serving.swap import COLD_START_VERSION
-from distilld.shadow.worker import ShadowTask, ShadowWorker
+from distilld.shadow.task import ShadowTask
+from distilld.shadow.worker import ShadowWorker
 from distilld.store.base import StoredComparison, TrafficSample
 from distilld.store.sqlite import SqliteStore
 from distilld.teacher.base import TeacherAnswer, TeacherStatus
@@ -242,6 +246,7 @@ def test_a_promoted_version_that_does_worse_is_rolled_back(tmp_path: Path) -> No
     assert rolled.kind == "retrain.rolled_back"
     assert rolled.value == pytest.approx(10 / 25)
     assert rolled.threshold == pytest.approx(1.0)
+    assert manager.state("reviews") is RolloutState.idle  # a rollback is not watched
     manager.tick()  # the rollback itself is not watched: nothing more happens
     assert kinds(store).count("retrain.rolled_back") == 1
 
@@ -256,6 +261,7 @@ def test_a_shadow_run_promotes_on_the_stored_pairs(tmp_path: Path) -> None:
     pol = policy(shadow={"min_comparisons": 5, "tolerance": 0.0})
     manager = manager_for(tmp_path, pol, registry, slot, store, candidates=loaded)
 
+    assert manager.state("reviews") is RolloutState.shadow
     manager.tick()
     assert [c.model_version for c in loaded] == ["v2"]
     assert "retrain.shadow_started" in kinds(store)
@@ -265,6 +271,7 @@ def test_a_shadow_run_promotes_on_the_stored_pairs(tmp_path: Path) -> None:
     manager.tick()
 
     assert registry.live_version() == "v2" and slot.switches == ["v2"]
+    assert manager.state("reviews") is RolloutState.watching
     assert loaded[0].closed
     promoted = store.last_alerts("reviews", limit=1)[0]
     assert promoted.kind == "retrain.promoted"
@@ -280,7 +287,9 @@ def test_the_daemon_follows_the_registry_and_refuses_an_unservable_version_once(
     slot = RecordingSlotFake("v1", refuse="v3")
     manager = manager_for(tmp_path, policy(), registry, slot, store)
 
+    assert manager.state("reviews") is RolloutState.idle
     registry.promote("v2")  # as `distilld promote reviews v2` does
+    assert manager.state("reviews") is RolloutState.promoting
     manager.tick()
     assert slot.switches == ["v2"]
 
@@ -485,7 +494,7 @@ def test_a_failed_cold_start_waits_for_the_cooldown_and_new_inputs_then_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = JobFake()
-    monkeypatch.setattr("distilld.retrain.manager.run_retraining", fake)
+    monkeypatch.setattr("distilld.retrain.jobs.run_retraining", fake)
     clock = ClockFake(10_000.0)
     store = SqliteStore(tmp_path / "store.sqlite")
     add_traffic_at(store, 400, clock.now - 100, "old")
@@ -537,7 +546,7 @@ def test_a_failed_breach_retraining_waits_for_new_inputs_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = JobFake()
-    monkeypatch.setattr("distilld.retrain.manager.run_retraining", fake)
+    monkeypatch.setattr("distilld.retrain.jobs.run_retraining", fake)
     registry = registry_with(tmp_path, "v1")
     registry.promote("v1")
     clock = ClockFake(time.time() + 1)  # after v1 went live
@@ -570,7 +579,7 @@ def test_a_breach_answered_by_a_promotion_starts_no_second_retraining(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = JobFake(register=True)
-    monkeypatch.setattr("distilld.retrain.manager.run_retraining", fake)
+    monkeypatch.setattr("distilld.retrain.jobs.run_retraining", fake)
     store = SqliteStore(tmp_path / "store.sqlite")
     add_traffic_at(store, 1000, time.time() - 100, "old")
     registry = registry_with(tmp_path, "v1")
@@ -597,3 +606,16 @@ def test_a_breach_answered_by_a_promotion_starts_no_second_retraining(
     manager.after_check("reviews", breach, slot.version, time.time())
     assert manager.wait_idle("reviews", 30)
     assert started(store) == ["breach", "breach"]
+
+
+def test_the_rollout_state_names_the_later_step_first() -> None:
+    def state(**holds: bool) -> RolloutState:
+        flags = {"training": False, "in_shadow": False, "promoting": False, "watching": False}
+        return rollout_state(**{**flags, **holds})
+
+    assert state() is RolloutState.idle
+    assert state(training=True) is RolloutState.training
+    # a request by hand trains during a shadow run or a watch
+    assert state(training=True, in_shadow=True) is RolloutState.shadow
+    assert state(training=True, watching=True) is RolloutState.watching
+    assert state(in_shadow=True, watching=True, promoting=True) is RolloutState.promoting

@@ -23,7 +23,7 @@ from distilld.monitoring.evaluate import Status
 from distilld.policy.load import load_policy
 from distilld.registry import ModelRegistry
 from distilld.report import write_report
-from distilld.retrain.manager import request_retraining
+from distilld.retrain.requests import request_retraining
 from distilld.serving.swap import COLD_START_VERSION
 from distilld.settings import Settings
 from distilld.store.base import AlertEvent

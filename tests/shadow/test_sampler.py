@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from distilld.monitoring.config import SamplingConfig
-from distilld.shadow.sampler import SegmentValues, decide, segment_of
+from distilld.shadow.sampler import SegmentValues, TaskSampling, decide, segment_of
 from distilld.vocabulary import length_bucket
 
 CONFIG = SamplingConfig(
@@ -190,3 +190,14 @@ def test_rate_zero_never_samples_and_decisions_are_reproducible() -> None:
     first = [decide(TYPICAL, {}, 0.9, CONFIG, SATURATED, random.Random(5)) for _ in range(3)]
     second = [decide(TYPICAL, {}, 0.9, CONFIG, SATURATED, random.Random(5)) for _ in range(3)]
     assert first == second
+
+
+def test_task_sampling_seeds_only_declared_keys() -> None:
+    sampling = TaskSampling(SamplingConfig(segment_keys=["source"], min_per_segment=2), 10)
+    sampling.seed([{"source": "app", "length": "<64", "undeclared": "x"}] * 2)
+    decision = sampling.decide("short", {"source": "app"}, 0.99, random.Random(0))
+    # Both declared segments have their 2 comparisons: no rare-segment reason.
+    assert not any("segment below" in r for r in decision.reasons)
+    fresh = TaskSampling(SamplingConfig(segment_keys=["source"], min_per_segment=2), 10)
+    rare = fresh.decide("short", {"source": "app"}, 0.99, random.Random(0))
+    assert rare.sample and any("segment below" in r for r in rare.reasons)

@@ -21,7 +21,8 @@ from distilld.demo.data import load_rows
 from distilld.monitoring.config import SamplingConfig
 from distilld.policy.load import load_policy
 from distilld.policy.model import Policy
-from distilld.shadow.worker import ShadowTask, ShadowWorker
+from distilld.shadow.task import ShadowTask
+from distilld.shadow.worker import ShadowWorker
 from distilld.store.base import StoredComparison, TrafficSample
 from distilld.store.sqlite import SqliteStore
 from distilld.teacher.base import TeacherAnswer, TeacherStatus, TeacherUnavailable

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distilld.errors import ConfigError
 from distilld.policy.load import load_policies
-from distilld.retrain.manager import request_retraining
+from distilld.retrain.requests import request_retraining
 from distilld.settings import Settings
 
 

@@ -21,16 +21,23 @@ traffic of its choosing. For the same reason a declared key keeps at most
 beyond them is pooled as ``other``.
 
 Nothing here calls the teacher or reads a clock: the caller keeps the
-per-segment counts and the tracked values and passes its random source, so
-the decision is reproducible in tests and cheap enough for the serving path,
-although the daemon makes it off that path.
+per-segment counts and the tracked values (:class:`TaskSampling` holds both
+for one task) and passes its random source, so the decision is reproducible
+in tests and cheap enough for the serving path, although the daemon makes it
+off that path.
+
+The per-segment counts cover the last ``window`` comparisons of a task (the
+accuracy monitor's window, :class:`SegmentCounts`) and are seeded from the
+store on start, so a restart does not over-sample segments that already have
+their share. A tracked segment value unseen for :data:`IDLE_WINDOWS` windows of
+requests gives its place up.
 """
 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections import Counter, OrderedDict, deque
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +50,9 @@ from distilld.vocabulary import (
 )
 
 MAX_SEGMENT_VALUE_CHARS = 64
+# A tracked segment value unseen for this many accuracy windows of requests gives its
+# place up to a new value (see SegmentValues).
+IDLE_WINDOWS = 10
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,71 @@ class SegmentValues:
         values[value] = self._seen
         values.move_to_end(value)
         return value
+
+
+class SegmentCounts:
+    """Comparisons per (segment key, value) over the last ``window`` comparisons."""
+
+    def __init__(self, window: int) -> None:
+        self._window = window
+        self._recent: deque[tuple[tuple[str, str], ...]] = deque()
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, segment: Mapping[str, str]) -> None:
+        items = tuple(segment.items())
+        self._recent.append(items)
+        self.counts.update(items)
+        if len(self._recent) > self._window:
+            for item in self._recent.popleft():
+                self.counts[item] -= 1
+                if self.counts[item] <= 0:
+                    del self.counts[item]
+
+
+class TaskSampling:
+    """What the sampling decisions of one task remember: the comparisons per segment
+    over the last ``window`` comparisons and the tracked segment values. Not
+    thread-safe: the caller serialises calls."""
+
+    def __init__(self, config: SamplingConfig, window: int) -> None:
+        self.config = config
+        self._keys = {*(config.segment_keys or ()), LENGTH_SEGMENT_KEY}
+        self._counts = SegmentCounts(window)
+        self._values = SegmentValues(config.max_values_per_key, IDLE_WINDOWS * window)
+
+    def seed(self, stored: Iterable[Mapping[str, str]]) -> None:
+        """Count the segments of comparisons stored before a start, oldest first."""
+        for segment in stored:
+            # Only the declared keys, pooled as new comparisons are (rows may predate
+            # a change of segment_keys).
+            declared = {k: v for k, v in segment.items() if k in self._keys}
+            self._counts.add(self._values.admit(declared))
+
+    def decide(
+        self,
+        text: str,
+        metadata: Mapping[str, Any],
+        confidence: float | None,
+        rng: random.Random,
+        *,
+        oov_share: float | None = None,
+    ) -> SamplingDecision:
+        """:func:`decide` for one request of the task, its segment values pooled."""
+        segment = segment_of(text, metadata, self.config, self.config.segment_keys)
+        return decide(
+            text,
+            metadata,
+            confidence,
+            self.config,
+            self._counts.counts,
+            rng,
+            oov_share=oov_share,
+            segment=self._values.admit(segment),
+        )
+
+    def count(self, segment: Mapping[str, str]) -> None:
+        """One more comparison stored for a request of ``segment``."""
+        self._counts.add(segment)
 
 
 def decide(

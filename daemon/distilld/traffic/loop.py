@@ -6,15 +6,11 @@ broker acknowledged its response or dead-letter record (``acks=all``), so a
 crash at any point re-delivers unanswered records and loses none. Duplicates
 after a crash are bounded by what was in flight since the last commit.
 
-A send that fails is sent again (back-off doubling to 30 s) while the error
-can pass (the broker away, a timeout); a record the broker or the producer
-refuses for good (too large, invalid: :func:`distilld.traffic.kafka.record_refused`)
-is replaced by a minimal dead letter (``send_refused``), and if even that is
-refused the request is dropped with a ``serving.record_dropped`` alert: one
-record never holds its partition's offsets back. No record produced here is
-larger than DISTILLD_KAFKA_MAX_MESSAGE_BYTES (a response over it is
-dead-lettered as ``response_too_large``), and received values are echoed
-into dead letters and log lines only clipped (:mod:`distilld.echo`).
+Producing the responses and dead letters (resends with back-off, records the
+broker refuses, the record size limit) is :mod:`distilld.traffic.send`'s job;
+rebalances, commits and the lag are :mod:`distilld.traffic.group`'s; the
+counters are :class:`distilld.traffic.stats.ServingStats`. Received values are
+echoed into dead letters and log lines only clipped (:mod:`distilld.echo`).
 """
 
 from __future__ import annotations
@@ -23,15 +19,11 @@ import queue
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
-from kafka.structs import OffsetAndMetadata
-from prometheus_client import Histogram
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from distilld.echo import clip, quote
 from distilld.errors import BackendUnavailable
@@ -41,24 +33,21 @@ from distilld.serving.batcher import MicroBatcher
 from distilld.telemetry.alerts import alert
 from distilld.telemetry.latch import Latch
 from distilld.telemetry.metrics import latency_histogram
-from distilld.traffic.kafka import record_refused
+from distilld.traffic.group import Rebalance, commit, measure_lag
 from distilld.traffic.offsets import OffsetTracker
 from distilld.traffic.records import (
     DeadLetterReason,
     Rejection,
     Request,
     SourcePosition,
-    dead_letter_key,
-    encode_dead_letter,
     encode_response,
     parse_request,
-    record_budget,
 )
+from distilld.traffic.send import Origin, Sender, response_too_large
+from distilld.traffic.stats import ServingStats
 from distilld.vocabulary import backoff_ceiling
 
 _IDLE_POLL_S = 0.1  # how long an idle poll blocks: bounds the reaction time to SIGTERM
-_RESEND_BACKOFF_S = 1.0  # the first resend of a failed send; doubles up to the next
-_RESEND_MAX_BACKOFF_S = 30.0
 _HOLD_FIRST_RETRY_S = 0.5  # first retry of a batch whose backend is unavailable
 _HOLD_MAX_RETRY_S = 30.0  # the back-off doubles up to this
 _LAG_INTERVAL_S = 5.0  # how often the consumer lag per partition is measured
@@ -75,44 +64,6 @@ class TaskRoute:
     max_input_chars: int
     batch_max_size: int
     batch_max_wait_ms: int
-
-
-@dataclass
-class ServingStats:
-    """Counters of one loop; read by the CLI summary, the logs, /metrics and the
-    benchmarks. Written by the loop thread only; readers take a consistent-enough
-    copy (counters only grow)."""
-
-    polled: int = 0
-    answered: int = 0
-    dead_lettered: Counter[str] = field(default_factory=Counter)
-    answered_by_task: Counter[str] = field(default_factory=Counter)
-    # (task, reason); task "" when the record named no known task.
-    dead_lettered_by_task: Counter[tuple[str, str]] = field(default_factory=Counter)
-    latency_by_task: dict[str, Histogram] = field(default_factory=dict)
-    # (topic, partition) -> records on the broker not yet polled, every _LAG_INTERVAL_S.
-    lag_by_partition: dict[tuple[str, int], int] = field(default_factory=dict)
-    batches: int = 0
-    batch_items: int = 0
-    invalid_outputs: int = 0
-    # Requests whose answer and minimal dead letter the broker both refused.
-    dropped: int = 0
-    commits: int = 0
-    started_at: float = field(default_factory=time.monotonic)
-
-    def snapshot(self) -> dict[str, Any]:
-        elapsed = max(1e-9, time.monotonic() - self.started_at)
-        return {
-            "polled": self.polled,
-            "answered": self.answered,
-            "dead_lettered": sum(self.dead_lettered.values()),
-            "dead_lettered_by_reason": dict(self.dead_lettered),
-            "invalid_outputs": self.invalid_outputs,
-            "dropped": self.dropped,
-            "batches": self.batches,
-            "mean_batch_size": round(self.batch_items / self.batches, 2) if self.batches else 0.0,
-            "answered_per_s": round(self.answered / elapsed, 2),
-        }
 
 
 @dataclass
@@ -142,33 +93,6 @@ class _Outage:
     since: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class _Origin:
-    """The request an outgoing record answers: what its dead letter needs."""
-
-    raw: bytes | None
-    key: bytes | None
-    source: SourcePosition
-    dead_letter_topic: str
-    request_id: str | None = None
-    task: str | None = None
-
-
-@dataclass
-class _Outgoing:
-    """A response or dead-letter record not yet acknowledged by the broker."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    # "response", "dead_letter", or "refusal": the minimal dead letter sent in
-    # place of a record the broker refused.
-    kind: str
-    origin: _Origin
-    resend_at: float = 0.0
-    attempts: int = 0
-
-
 class ServingLoop:
     def __init__(
         self,
@@ -188,7 +112,6 @@ class ServingLoop:
         if missing:
             raise ValueError(f"no student backend for tasks {missing}")
         self._consumer = consumer
-        self._producer = producer
         self._routes = {r.task: r for r in routes}
         self._backends = backends
         # Where to dead-letter a record that names no known task: the dead-letter
@@ -212,13 +135,6 @@ class ServingLoop:
             r.task: MicroBatcher(r.batch_max_size, r.batch_max_wait_ms) for r in routes
         }
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
-        self._in_flight: dict[tuple[TopicPartition, int], _Outgoing] = {}
-        self._resend: list[tuple[TopicPartition, int]] = []
-        # Producer callbacks run on kafka-python's I/O thread; they only put
-        # results here and the loop thread applies them.
-        self._acks: queue.SimpleQueue[tuple[TopicPartition, int, BaseException | None]] = (
-            queue.SimpleQueue()
-        )
         self._last_commit = 0.0
         self._last_stats = time.monotonic()
         self._last_lag = -_LAG_INTERVAL_S
@@ -229,6 +145,13 @@ class ServingLoop:
         self._outages: Latch[str, _Outage] = Latch()
         self._paused = False
         self.stats = ServingStats()
+        self._sender = Sender(
+            producer,
+            self._tracker,
+            self.stats,
+            max_message_bytes=max_message_bytes,
+            known_tasks=self._routes,
+        )
         # Set once the consumer group gave this loop its partitions (readiness).
         self.assigned = threading.Event()
         self._revoked: queue.SimpleQueue[list[TopicPartition]] = queue.SimpleQueue()
@@ -238,7 +161,7 @@ class ServingLoop:
 
     def subscribe(self) -> None:
         topics = sorted({r.requests_topic for r in self._routes.values()})
-        self._consumer.subscribe(topics, listener=_Rebalance(self._revoked, self.assigned))
+        self._consumer.subscribe(topics, listener=Rebalance(self._revoked, self.assigned))
         self._log.info("serving.subscribed", topics=topics, tasks=sorted(self._routes))
 
     def run(self, stop: threading.Event) -> None:
@@ -265,8 +188,8 @@ class ServingLoop:
         self._retry_held(force=False)
         self._answer_due_batches(force=False)
         self._pause_while_held()
-        self._apply_acks()
-        self._resend_failed()
+        self._sender.apply_acks()
+        self._sender.resend_failed()
         self._maybe_commit(force=False)
         self._maybe_log_stats()
         self._maybe_measure_lag()
@@ -279,17 +202,13 @@ class ServingLoop:
         after the restart (never dead-lettered for an outage)."""
         self._retry_held(force=True)
         self._answer_due_batches(force=True)
-        deadline = time.monotonic() + timeout_s
-        while self._in_flight and time.monotonic() < deadline:
-            self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
-            self._apply_acks()
-            self._resend_failed(wait=True)
+        self._sender.settle(time.monotonic() + timeout_s)
         self._maybe_commit(force=True)
         unanswered = sum(len(batch) for batch in self._held.values())
-        if self._in_flight or unanswered:
+        if self._sender.pending or unanswered:
             self._log.warning(
                 "serving.drain_incomplete",
-                unacknowledged=len(self._in_flight),
+                unacknowledged=self._sender.pending,
                 unanswered=unanswered,
                 note="their offsets are not committed; they will be re-delivered",
             )
@@ -346,7 +265,7 @@ class ServingLoop:
         request: Request | None = None,
     ) -> None:
         source = SourcePosition(record.topic, record.partition, record.offset, record.timestamp)
-        origin = _Origin(
+        origin = Origin(
             record.value,
             record.key,
             source,
@@ -354,41 +273,7 @@ class ServingLoop:
             request_id=request.id if request else None,
             task=request.task if request else None,
         )
-        self._reject(partition, origin, rejection)
-
-    def _reject(self, partition: TopicPartition, origin: _Origin, rejection: Rejection) -> None:
-        """Count, log and send the dead letter of one request."""
-        self.stats.dead_lettered[rejection.reason.value] += 1
-        task_name = origin.task if origin.task in self._routes else ""
-        self.stats.dead_lettered_by_task[(task_name or "", rejection.reason.value)] += 1
-        self._log.info(
-            "request.dead_lettered",
-            reason=rejection.reason.value,
-            detail=clip(rejection.detail),
-            topic=origin.source.topic,
-            partition=origin.source.partition,
-            offset=origin.source.offset,
-            dead_letter_topic=origin.dead_letter_topic,
-        )
-        self._send_dead_letter(partition, origin, rejection, kind="dead_letter")
-
-    def _send_dead_letter(
-        self, partition: TopicPartition, origin: _Origin, rejection: Rejection, *, kind: str
-    ) -> None:
-        """Send the dead letter of ``origin``, sized to fit DISTILLD_KAFKA_MAX_MESSAGE_BYTES;
-        without the original bytes when it replaces a refused record (kind "refusal")."""
-        key = dead_letter_key(origin.key)
-        value = encode_dead_letter(
-            origin.raw,
-            rejection,
-            origin.source,
-            max_bytes=record_budget(self._max_message_bytes, key),
-            request_id=origin.request_id,
-            task=origin.task,
-            keep_original=kind != "refusal",
-        )
-        outgoing = _Outgoing(origin.dead_letter_topic, key, value, kind, origin)
-        self._send(partition, origin.source.offset, outgoing)
+        self._sender.dead_letter(partition, origin, rejection)
 
     # -- answering ------------------------------------------------------------
 
@@ -526,13 +411,9 @@ class ServingLoop:
         )
         key = waiting.key if waiting.key is not None else waiting.request.id.encode("utf-8")
         origin = self._origin(route, waiting)
-        if len(value) > record_budget(self._max_message_bytes, key):
-            rejection = Rejection(
-                DeadLetterReason.response_too_large,
-                f"the response is {len(value)} bytes, its key {len(key)} bytes; a record is "
-                f"at most {self._max_message_bytes} bytes (DISTILLD_KAFKA_MAX_MESSAGE_BYTES)",
-            )
-            self._reject(waiting.partition, origin, rejection)
+        rejection = response_too_large(value, key, self._max_message_bytes)
+        if rejection is not None:
+            self._sender.dead_letter(waiting.partition, origin, rejection)
             return
         self.stats.answered += 1
         self.stats.answered_by_task[route.task] += 1
@@ -540,23 +421,21 @@ class ServingLoop:
         if histogram is None:
             histogram = self.stats.latency_by_task[route.task] = latency_histogram()
         histogram.observe(done_at - waiting.received_at)
-        self._send(
-            waiting.partition,
-            waiting.offset,
-            _Outgoing(route.responses_topic, key, value, "response", origin),
+        self._sender.send_response(
+            waiting.partition, waiting.offset, route.responses_topic, key, value, origin
         )
         if self._on_answered is not None:
             self._notify(waiting.request, prediction, model_version)
 
     @staticmethod
-    def _origin(route: TaskRoute, waiting: _Waiting) -> _Origin:
+    def _origin(route: TaskRoute, waiting: _Waiting) -> Origin:
         source = SourcePosition(
             waiting.partition.topic,
             waiting.partition.partition,
             waiting.offset,
             waiting.timestamp_ms,
         )
-        return _Origin(
+        return Origin(
             waiting.raw,
             waiting.key,
             source,
@@ -606,148 +485,20 @@ class ServingLoop:
             DeadLetterReason.student_failed,
             f"the student failed on this input: {clip(f'{type(exc).__name__}: {exc}')}",
         )
-        self._reject(waiting.partition, self._origin(self._routes[task], waiting), rejection)
-
-    # -- producing and committing ---------------------------------------------
-
-    def _send(self, partition: TopicPartition, offset: int, outgoing: _Outgoing) -> None:
-        self._in_flight[(partition, offset)] = outgoing
-        try:
-            future = self._producer.send(outgoing.topic, value=outgoing.value, key=outgoing.key)
-        except KafkaError as exc:
-            self._acks.put((partition, offset, exc))
-            return
-        future.add_callback(lambda _meta: self._acks.put((partition, offset, None)))
-        future.add_errback(lambda err: self._acks.put((partition, offset, err)))
-
-    def _apply_acks(self) -> None:
-        while True:
-            try:
-                partition, offset, error = self._acks.get_nowait()
-            except queue.Empty:
-                return
-            outgoing = self._in_flight.get((partition, offset))
-            if outgoing is None:
-                continue  # partition revoked meanwhile
-            if error is None:
-                del self._in_flight[(partition, offset)]
-                self._tracker.finished(partition, offset)
-            elif record_refused(error):
-                self._on_refused(partition, offset, outgoing, error)
-            else:
-                outgoing.attempts += 1
-                delay = backoff_ceiling(
-                    outgoing.attempts - 1, _RESEND_BACKOFF_S, _RESEND_MAX_BACKOFF_S
-                )
-                self._log.warning(
-                    "serving.send_failed",
-                    topic=outgoing.topic,
-                    kind=outgoing.kind,
-                    error=clip(f"{type(error).__name__}: {error}"),
-                    attempts=outgoing.attempts,
-                    retry_in_s=delay,
-                    action="will resend; offset stays uncommitted",
-                )
-                outgoing.resend_at = time.monotonic() + delay
-                self._resend.append((partition, offset))
-
-    def _on_refused(
-        self, partition: TopicPartition, offset: int, outgoing: _Outgoing, error: BaseException
-    ) -> None:
-        """The broker or the producer refused this record for good: never send it again.
-        A response or dead letter is replaced by a minimal dead letter; a refused minimal
-        dead letter drops the request, so that its offset (and the partition's) advances."""
-        origin = outgoing.origin
-        error_text = clip(f"{type(error).__name__}: {error}")
-        where = {
-            "source_topic": origin.source.topic,
-            "partition": origin.source.partition,
-            "offset": origin.source.offset,
-        }
-        if outgoing.kind == "refusal":
-            del self._in_flight[(partition, offset)]
-            self._tracker.finished(partition, offset)
-            self.stats.dropped += 1
-            alert(
-                self._log,
-                "serving.record_dropped",
-                severity="error",
-                task=origin.task if origin.task in self._routes else None,
-                topic=outgoing.topic,
-                error=error_text,
-                **where,
-                action="the request got neither an answer nor a dead letter; its offset is "
-                "committed so that the partition moves on; the request is still at its source "
-                "position: check the dead-letter topic and the broker's limits, then replay it",
-            )
-            return
-        self._log.warning(
-            "serving.send_refused",
-            kind=outgoing.kind,
-            topic=outgoing.topic,
-            value_bytes=len(outgoing.value),
-            key_bytes=len(outgoing.key or b""),
-            error=error_text,
-            **where,
-            action="sending a minimal dead letter (send_refused) instead; the offset advances "
-            "once the broker acknowledges it",
+        self._sender.dead_letter(
+            waiting.partition, self._origin(self._routes[task], waiting), rejection
         )
-        if outgoing.kind == "response":  # a dead letter was already counted as one
-            task_name = origin.task if origin.task in self._routes else ""
-            reason = DeadLetterReason.send_refused.value
-            self.stats.dead_lettered[reason] += 1
-            self.stats.dead_lettered_by_task[(task_name or "", reason)] += 1
-        rejection = Rejection(
-            DeadLetterReason.send_refused,
-            f"the {outgoing.kind.replace('_', ' ')} record of this request "
-            f"({len(outgoing.value)} bytes) was refused: {error_text}; the request is at the "
-            "source position",
-        )
-        self._send_dead_letter(partition, origin, rejection, kind="refusal")
 
-    def _resend_failed(self, wait: bool = False) -> None:
-        if not self._resend:
-            return
-        now = time.monotonic()
-        keep: list[tuple[TopicPartition, int]] = []
-        for key in self._resend:
-            outgoing = self._in_flight.get(key)
-            if outgoing is None:
-                continue
-            if outgoing.resend_at > now and not wait:
-                keep.append(key)
-                continue
-            self._send(key[0], key[1], outgoing)
-        self._resend = keep
+    # -- committing and lag ------------------------------------------------------
 
     def _maybe_commit(self, force: bool) -> None:
-        """Commit what is acknowledged. In the loop: asynchronously, so serving never waits
-        on the broker; when draining or giving partitions away: synchronously."""
+        """Commit what is acknowledged, every commit interval (at once with ``force``)."""
         now = time.monotonic()
         if not force and now - self._last_commit < self._commit_interval_s:
             return
         self._last_commit = now
-        offsets = self._tracker.committable(include_unchanged=force)
-        if not offsets:
-            return
-        request = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
-        try:
-            if force:
-                self._consumer.commit(request)
-            else:
-                self._consumer.commit_async(request, callback=self._on_async_commit)
-        except (CommitFailedError, KafkaError) as exc:
-            # A rebalance took the partitions; whoever owns them now re-reads
-            # from the last committed offset (at-least-once, no loss).
-            self._log.warning("serving.commit_failed", error=str(exc))
-            return
-        self._tracker.mark_committed(offsets)
-        self.stats.commits += 1
-
-    def _on_async_commit(self, offsets: Any, response: Any) -> None:
-        if isinstance(response, Exception):
-            # The next commit carries a later (or the same) point for these partitions.
-            self._log.warning("serving.commit_failed", error=str(response))
+        if commit(self._consumer, self._tracker, force=force, log=self._log):
+            self.stats.commits += 1
 
     def _maybe_log_stats(self) -> None:
         now = time.monotonic()
@@ -756,24 +507,11 @@ class ServingLoop:
             self._log.info("serving.stats", **self.stats.snapshot())
 
     def _maybe_measure_lag(self) -> None:
-        """The lag of each assigned partition: the broker's high watermark known from the
-        last fetch minus the offset after the last record polled (no broker request;
-        a partition is skipped until it returned a record and a fetch told its high
-        watermark)."""
         now = time.monotonic()
         if now - self._last_lag < _LAG_INTERVAL_S:
             return
         self._last_lag = now
-        lag: dict[tuple[str, int], int] = {}
-        for partition in self._consumer.assignment():
-            position = self._next_offset.get(partition)
-            try:
-                highwater = self._consumer.highwater(partition)
-            except KafkaError:  # revoked since assignment() answered
-                continue
-            if position is not None and highwater is not None:
-                lag[(partition.topic, partition.partition)] = max(0, highwater - position)
-        self.stats.lag_by_partition = lag
+        self.stats.lag_by_partition = measure_lag(self._consumer, self._next_offset)
 
     # -- rebalance --------------------------------------------------------------
 
@@ -794,25 +532,5 @@ class ServingLoop:
             self._tracker.forget(list(gone))
             for partition in gone:
                 self._next_offset.pop(partition, None)
-            for key in [k for k in self._in_flight if k[0] in gone]:
-                del self._in_flight[key]
+            self._sender.forget(gone)
             self._log.info("serving.partitions_revoked", partitions=sorted(str(tp) for tp in gone))
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Rebalance callbacks. kafka-python 3 runs them on its I/O thread, where no
-    blocking client call is allowed: they only hand the news to the loop thread."""
-
-    def __init__(self, revoked: queue.SimpleQueue[list[TopicPartition]], assigned: threading.Event):
-        self._revoked = revoked
-        self._assigned = assigned
-
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if revoked:
-            self._revoked.put(list(revoked))
-
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        get_logger("serving").info(
-            "serving.partitions_assigned", partitions=sorted(str(tp) for tp in assigned)
-        )
-        self._assigned.set()
