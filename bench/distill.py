@@ -86,7 +86,7 @@ from distilld import assets
 from distilld.log import configure_logging
 from distilld.policy.load import load_policy
 from distilld.policy.model import Architecture, Policy
-from distilld.retrain.config import FilterConfig, GateConfig, SplitConfig
+from distilld.retrain.data_config import FilterConfig, GateConfig, SplitConfig
 from distilld.retrain.filter import (
     DROP_REASONS,
     LabelledExample,

@@ -231,6 +231,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from distilld import registry as module
+    from distilld.registry import steps
 
     root, action, step = sys.argv[1], sys.argv[2], sys.argv[3]
     keep_last = int(sys.argv[4]) if len(sys.argv) > 4 else 5
@@ -239,7 +240,7 @@ _CRASH_SCRIPT = textwrap.dedent(
         if name == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    module._test_hook = hook
+    steps._test_hook = hook
     reg = module.ModelRegistry(root, keep_last=keep_last)
     if action == "rollback":
         reg.rollback()
@@ -362,6 +363,7 @@ _CONCURRENT_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     from distilld import registry as module
+    from distilld.registry import steps
 
     root, log, versions = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
     me = str(os.getpid())
@@ -375,7 +377,7 @@ _CONCURRENT_SCRIPT = textwrap.dedent(
             with open(log, "a") as f:
                 f.write(f"exit {me}\\n")
 
-    module._test_hook = hook
+    steps._test_hook = hook
     reg = module.ModelRegistry(root)
     for i in range(15):
         reg.promote(versions[i % len(versions)])

@@ -20,7 +20,7 @@ from distilld.retention import (
     rows_cutoff,
     rows_floor,
 )
-from distilld.retrain.gates import FAILED_GATES_DIR
+from distilld.retrain.gate_report import FAILED_GATES_DIR
 from distilld.store.base import AlertEvent, CheckResult
 from distilld.store.sqlite import SqliteStore
 from support.logs import Event, named

@@ -29,12 +29,11 @@ from typing import Any
 from distilld.monitoring.accuracy import pool_rare_values
 from distilld.policy.model import Policy
 from distilld.registry import ModelRegistry
-from distilld.store.base import SampleStore
+from distilld.store.base import COMPARISONS_READ, SampleStore
 from distilld.vocabulary import segment_label
 
 __all__ = ["TaskReport", "render", "task_report", "write_report"]
 
-COMPARISONS_READ = 50_000
 BUCKETS = 40  # points of the agreement curve
 MARKED_ALERTS = {
     "breach": "#c0392b",

@@ -32,7 +32,7 @@ from distilld.alerts import DEFAULT_RESTORE_LIMIT
 from distilld.log import get_logger
 from distilld.monitoring.measure import REPORT_DIR_NAME
 from distilld.policy.model import Policy
-from distilld.retrain.gates import FAILED_GATES_DIR
+from distilld.retrain.gate_report import FAILED_GATES_DIR
 from distilld.store.base import SampleStore
 
 DAY_S = 86_400.0

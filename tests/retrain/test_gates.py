@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from distilld.retrain.config import GateConfig
+from distilld.retrain.data_config import GateConfig
 from distilld.retrain.gates import (
     GateError,
     GateExample,

@@ -27,7 +27,7 @@ from distilld.policy.model import Policy
 from distilld.registry import Manifest, ModelRegistry
 from distilld.retrain.config import RetrainingConfig
 from distilld.retrain.decide import first_size
-from distilld.retrain.gates import GateCheck, GateReport
+from distilld.retrain.gate_report import GateCheck, GateReport
 from distilld.retrain.manager import RetrainManager
 from distilld.retrain.requests import request_retraining
 from distilld.retrain.rollout import RolloutState, rollout_state

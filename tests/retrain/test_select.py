@@ -9,25 +9,21 @@ import pytest
 from pydantic import ValidationError
 
 from distilld.monitoring.config import SamplingConfig
-from distilld.retrain.config import (
-    DEFAULT_CRON,
+from distilld.retrain.config import DEFAULT_CRON, RetrainingConfig, ScheduleTriggerConfig
+from distilld.retrain.data_config import (
     DataSizeConfig,
     GateConfig,
-    RetrainingConfig,
-    ScheduleTriggerConfig,
     SelectionConfig,
     default_metric,
     size_category,
 )
+from distilld.retrain.dedup import jaccard, normalize_text, shingles
 from distilld.retrain.select import (
     Candidate,
     SelectionError,
     candidates_from_comparisons,
     candidates_from_traffic,
-    jaccard,
-    normalize_text,
     select_inputs,
-    shingles,
 )
 from distilld.store.base import StoredComparison, TrafficSample
 

@@ -7,7 +7,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from distilld.retrain.config import SplitConfig
+from distilld.retrain.data_config import SplitConfig
 from distilld.retrain.filter import LabelledExample
 from distilld.retrain.split import (
     SplitError,

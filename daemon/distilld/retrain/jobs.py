@@ -20,7 +20,7 @@ from pathlib import Path
 from distilld.errors import DistilldError
 from distilld.log import get_logger
 from distilld.retrain.decide import RetryPlan, Trigger, plan_retry
-from distilld.retrain.gates import FAILED_GATES_DIR
+from distilld.retrain.gate_report import FAILED_GATES_DIR
 from distilld.retrain.run import JobInputs, JobResult, RetrainCancelled, run_retraining
 from distilld.retrain.task import Decisions, RetrainTask, TaskState
 from distilld.serving.swap import COLD_START_VERSION, NO_STUDENT_VERSION

@@ -22,11 +22,9 @@ from distilld.registry import LivePointer, Manifest
 from distilld.retrain.decide import rollback_verdict
 from distilld.retrain.run import JobResult
 from distilld.retrain.task import Decisions, RetrainTask, TaskState
-from distilld.store.base import SampleStore, StoredComparison
+from distilld.store.base import COMPARISONS_READ, SampleStore, StoredComparison
 
-__all__ = ["COMPARISONS_READ", "Rollout", "RolloutState", "rollout_state", "watch_scores"]
-
-COMPARISONS_READ = 50_000  # comparisons read to judge a shadow run or a promoted version
+__all__ = ["Rollout", "RolloutState", "rollout_state", "watch_scores"]
 
 
 class RolloutState(StrEnum):

@@ -50,7 +50,8 @@ from distilld.retrain.filter import (
     load_flags,
     parsed_output,
 )
-from distilld.retrain.gates import GateExample, GateReport, evaluate_gate
+from distilld.retrain.gate_report import GateReport
+from distilld.retrain.gates import GateExample, evaluate_gate
 from distilld.retrain.select import (
     Candidate,
     candidates_from_comparisons,

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from distilld.retrain.decide import shadow_verdict
-from distilld.retrain.rollout import COMPARISONS_READ, Rollout
+from distilld.retrain.rollout import Rollout
 from distilld.retrain.task import Decisions, RetrainTask
 from distilld.serving.base import StudentBackend
 from distilld.shadow.worker import ShadowWorker
-from distilld.store.base import SampleStore, StoredComparison
+from distilld.store.base import COMPARISONS_READ, SampleStore, StoredComparison
 
 __all__ = ["ShadowRun", "in_shadow", "shadow_pairs"]
 

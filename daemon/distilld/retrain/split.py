@@ -3,7 +3,7 @@
 The split is decided by the text, not by the order or a random draw:
 
 * every example gets a fingerprint, the BLAKE2b hash of its normalised text
-  (:func:`~distilld.retrain.select.normalize_text`, salted with ``salt``);
+  (:func:`~distilld.retrain.dedup.normalize_text`, salted with ``salt``);
   examples with the same normalised text share it and always land in the
   same split, so a duplicate can never carry a test example into training;
 * examples are stratified by label (``label_of``; for classification the
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from distilld.errors import DistilldError
-from distilld.retrain.config import SplitConfig
-from distilld.retrain.select import normalize_text
+from distilld.retrain.data_config import SplitConfig
+from distilld.retrain.dedup import normalize_text
 
 __all__ = [
     "Split",

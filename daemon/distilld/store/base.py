@@ -28,6 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 from distilld.errors import StoreError as StoreError
 
 Output = str | dict[str, Any]
+# Recent comparisons read at once to judge a version (a shadow run, the watch after a
+# promotion) or to draw its report: enough for any window, bounded in memory.
+COMPARISONS_READ = 50_000
 
 
 @dataclass(frozen=True)

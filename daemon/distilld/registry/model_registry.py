@@ -7,11 +7,10 @@ Layout under the registry directory::
     .lock                    fcntl lock: one process changes the registry at a time
     .staging/  .trash/       registrations and deletions in progress
 
-Each version has a :class:`Manifest` (version, parent, creation time, data
-summary, training method, metrics, gate report path, reference distribution
-file, state). States: ``candidate`` (registered), ``shadow`` (answering live
-traffic beside the live student), ``live``, ``retired`` (replaced by a
-promotion) and ``rolled_back`` (replaced by a rollback).
+:class:`ModelRegistry` orders the parts: the metadata (manifests, the live
+pointer, the state rules: :mod:`~distilld.registry.metadata`), the model
+files (staging, fsync, atomic rename, deletion: :mod:`~distilld.registry.files`)
+and the lock (:mod:`~distilld.registry.lock`).
 
 Crash safety
 ------------
@@ -44,186 +43,42 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
-import fcntl
-import json
-import os
 import re
-import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
-from distilld.errors import RegistryError as RegistryError
+from distilld.errors import RegistryError
+from distilld.registry.files import (
+    clear_leftovers,
+    delete_version,
+    fsync_tree,
+    install,
+    remove_temporary,
+    stage,
+    version_names,
+    write_json_atomic,
+)
+from distilld.registry.lock import registry_lock
+from distilld.registry.metadata import (
+    LIVE,
+    MANIFEST,
+    STATES,
+    LivePointer,
+    Manifest,
+    State,
+    check_version_name,
+    effective_state,
+    read_manifest,
+    read_pointer,
+    write_manifest,
+    write_pointer,
+)
+from distilld.registry.steps import step as reached
 
-__all__ = [
-    "STATES",
-    "VERSION_PATTERN",
-    "LivePointer",
-    "Manifest",
-    "ModelRegistry",
-    "RegistryError",
-    "State",
-]
-
-State = Literal["candidate", "shadow", "live", "retired", "rolled_back"]
-STATES: tuple[State, ...] = ("candidate", "shadow", "live", "retired", "rolled_back")
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-MANIFEST = "manifest.json"
-LIVE = "LIVE"
 _AUTO_VERSION = re.compile(r"^v(\d+)$")
-
-# Test hook: called with the name of each step of a change (see _step). Tests
-# set it in a subprocess to crash between steps; None in production.
-_test_hook: Callable[[str], None] | None = None
-
-
-def _step(name: str) -> None:
-    if _test_hook is not None:
-        _test_hook(name)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What the registry knows about one version (``manifest.json``).
-
-    ``data``: a summary of the training data (sizes, selection and filter
-    reports). ``method``: how it was trained. ``metrics``: gate and shadow
-    results. ``gate_report``: path of the gate report (relative to the
-    version directory, or absolute). ``reference_distribution``: file name,
-    in the version directory, of the drift reference of this version.
-    Times are Unix seconds.
-    """
-
-    version: str = ""  # "" on registration: the registry names it v0001, v0002, ...
-    parent: str | None = None
-    created_at: float = 0.0  # 0 on registration: set to the registration time
-    task: str | None = None
-    data: Mapping[str, Any] = field(default_factory=dict)
-    method: Mapping[str, Any] = field(default_factory=dict)
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    gate_report: str | None = None
-    reference_distribution: str | None = None
-    state: State = "candidate"
-    state_changed_at: float = 0.0
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "parent": self.parent,
-            "created_at": self.created_at,
-            "task": self.task,
-            "data": dict(self.data),
-            "method": dict(self.method),
-            "metrics": dict(self.metrics),
-            "gate_report": self.gate_report,
-            "reference_distribution": self.reference_distribution,
-            "state": self.state,
-            "state_changed_at": self.state_changed_at,
-            "extra": dict(self.extra),
-        }
-
-    @classmethod
-    def from_dict(cls, raw: Any, source: str = "manifest") -> Manifest:
-        if not isinstance(raw, dict):
-            raise RegistryError(f"{source}: expected a JSON object (received {type(raw).__name__})")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise RegistryError(
-                f"{source}: unknown fields {unknown} (written by a newer distilld?)"
-            )
-        checks: dict[str, tuple[type | tuple[type, ...], bool]] = {
-            "version": (str, False),
-            "parent": (str, True),
-            "created_at": ((int, float), False),
-            "task": (str, True),
-            "data": (dict, False),
-            "method": (dict, False),
-            "metrics": (dict, False),
-            "gate_report": (str, True),
-            "reference_distribution": (str, True),
-            "state": (str, False),
-            "state_changed_at": ((int, float), False),
-            "extra": (dict, False),
-        }
-        for name, (types, nullable) in checks.items():
-            if name not in raw or (raw[name] is None and nullable):
-                continue
-            if isinstance(raw[name], bool) or not isinstance(raw[name], types):
-                raise RegistryError(f"{source}: field {name!r} has the wrong type ({raw[name]!r})")
-        if raw.get("state", "candidate") not in STATES:
-            raise RegistryError(
-                f"{source}: unknown state {raw.get('state')!r}; expected one of {list(STATES)}"
-            )
-        return cls(**raw)
-
-
-@dataclass(frozen=True)
-class LivePointer:
-    """The content of ``LIVE``: the live version, the earlier live versions (oldest
-    first: the rollback stack), and what its writer retired (and as what)."""
-
-    version: str
-    previous: tuple[str, ...] = ()
-    retire: str | None = None
-    retire_state: State = "retired"
-    updated_at: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "previous": list(self.previous),
-            "retire": self.retire,
-            "retire_state": self.retire_state,
-            "updated_at": self.updated_at,
-        }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every regular file under ``root``, then every directory (``root`` last),
-    so that their contents and names are on disk before anything points at them.
-    Symbolic links are not followed."""
-    for directory, _subdirs, files in os.walk(root, topdown=False):
-        for name in files:
-            path = os.path.join(directory, name)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(directory))
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 class ModelRegistry:
@@ -253,28 +108,12 @@ class ModelRegistry:
 
     def path(self, version: str) -> Path:
         """The directory of ``version`` (its model files and manifest)."""
-        _check_version_name(version)
+        check_version_name(version)
         return self._versions / version
 
     def pointer(self) -> LivePointer | None:
         """The content of ``LIVE``, or None when no version was ever promoted."""
-        path = self.root / LIVE
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise RegistryError(f"{path}: cannot read the live pointer: {exc}") from None
-        try:
-            return LivePointer(
-                version=str(raw["version"]),
-                previous=tuple(str(v) for v in raw.get("previous", [])),
-                retire=None if raw.get("retire") is None else str(raw["retire"]),
-                retire_state=cast(State, raw.get("retire_state", "retired")),
-                updated_at=float(raw.get("updated_at", 0.0)),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise RegistryError(f"{path}: malformed live pointer ({exc!r}): {raw!r}") from None
+        return read_pointer(self.root)
 
     def live_version(self) -> str | None:
         pointer = self.pointer()
@@ -345,7 +184,7 @@ class ModelRegistry:
                 "into the model directory before registering"
             )
         if manifest.version:
-            _check_version_name(manifest.version)
+            check_version_name(manifest.version)
         with self._locked():
             self._repair_locked()
             version = manifest.version or self._next_version()
@@ -361,22 +200,18 @@ class ModelRegistry:
             )
             staging = self._staging / f"{version}-{uuid.uuid4().hex}"
             try:
-                if copy:
-                    shutil.copytree(source, staging, symlinks=True)
-                else:
-                    shutil.move(str(source), str(staging))
-                _step("register:staged")
+                stage(source, staging, copy=copy)
+                reached("register:staged")
                 # The weights on disk before any name points at them: a moved
                 # directory may still be in the page cache, and after a power
                 # loss LIVE must never name a truncated file.
                 fsync_tree(staging)
-                _write_json_atomic(staging / MANIFEST, final.to_dict())
-                _step("register:manifest_written")
-                os.rename(staging, target)
-                _fsync_dir(self._versions)
+                write_json_atomic(staging / MANIFEST, final.to_dict())
+                reached("register:manifest_written")
+                install(staging, target)
             except OSError as exc:
                 raise RegistryError(f"cannot register {source} as {version}: {exc}") from None
-            _step("register:renamed")
+            reached("register:renamed")
             self._prune_locked()
             return version
 
@@ -425,7 +260,7 @@ class ModelRegistry:
         """
         with self._locked():
             self._repair_locked()
-            _step("promote:locked")
+            reached("promote:locked")
             target = self._read_manifest(version)
             pointer = self.pointer()
             current = pointer.version if pointer is not None else None
@@ -442,7 +277,7 @@ class ModelRegistry:
             )
             self._switch(new_pointer, step="promote")
             self._prune_locked()
-            _step("promote:pruned")
+            reached("promote:pruned")
             return self._effective(self._read_manifest(version), new_pointer)
 
     def rollback(self) -> Manifest:
@@ -452,7 +287,7 @@ class ModelRegistry:
         """
         with self._locked():
             self._repair_locked()
-            _step("rollback:locked")
+            reached("rollback:locked")
             pointer = self.pointer()
             if pointer is None:
                 raise RegistryError(
@@ -492,71 +327,42 @@ class ModelRegistry:
     # ------------------------------------------------------------------ internals
 
     def _names(self) -> builtins.list[str]:
-        try:
-            return sorted(
-                entry.name
-                for entry in os.scandir(self._versions)
-                if entry.is_dir() and not entry.name.startswith(".")
-            )
-        except OSError as exc:
-            raise RegistryError(f"cannot list {self._versions}: {exc}") from None
+        return version_names(self._versions)
 
     def _read_manifest(self, version: str) -> Manifest:
-        path = self.path(version) / MANIFEST
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            known = ", ".join(self._names()) or "none"
-            raise RegistryError(
-                f"version {version!r} is not in the registry {self.root} (versions: {known})"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise RegistryError(f"{path}: cannot read the manifest: {exc}") from None
-        manifest = Manifest.from_dict(raw, source=str(path))
-        if manifest.version != version:
-            raise RegistryError(
-                f"{path}: names version {manifest.version!r} but lies in {version!r}"
-            )
-        return manifest
+        return read_manifest(self.path(version), version, registry=self.root, known=self._names)
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        try:
-            _write_json_atomic(self.path(manifest.version) / MANIFEST, manifest.to_dict())
-        except OSError as exc:
-            raise RegistryError(f"cannot write the manifest of {manifest.version}: {exc}") from None
+        write_manifest(self.path(manifest.version), manifest)
 
     @staticmethod
     def _effective(manifest: Manifest, pointer: LivePointer | None) -> Manifest:
         """The manifest with the state the live pointer implies (see the module docstring)."""
-        state = _effective_state(manifest, pointer)
+        state = effective_state(manifest, pointer)
         return manifest if state == manifest.state else replace(manifest, state=state)
 
     def _switch(self, pointer: LivePointer, *, step: str) -> None:
         """Write the pointer (the commit point), then the two manifests it changes."""
         try:
-            _write_json_atomic(self.root / LIVE, pointer.to_dict())
+            write_pointer(self.root, pointer)
         except OSError as exc:
             raise RegistryError(f"cannot write the live pointer of {self.root}: {exc}") from None
-        _step(f"{step}:pointer_written")
+        reached(f"{step}:pointer_written")
         now = time.time()
         new = self._read_manifest(pointer.version)
         self._write_manifest(replace(new, state="live", state_changed_at=now))
-        _step(f"{step}:new_marked")
+        reached(f"{step}:new_marked")
         if pointer.retire is not None:
             old = self._read_manifest(pointer.retire)
             self._write_manifest(replace(old, state=pointer.retire_state, state_changed_at=now))
-        _step(f"{step}:old_marked")
+        reached(f"{step}:old_marked")
 
     def _next_version(self) -> str:
         numbers = [int(m.group(1)) for n in self._names() if (m := _AUTO_VERSION.fullmatch(n))]
         return f"v{max(numbers, default=0) + 1:04d}"
 
     def _repair_locked(self) -> None:
-        for leftovers in (self._staging, self._trash):
-            for entry in leftovers.iterdir():
-                _remove(entry)
-        for tmp in self.root.glob(".*.tmp"):
-            _remove(tmp)
+        clear_leftovers(self.root, self._staging, self._trash)
         pointer = self.pointer()
         if pointer is not None and not (self._versions / pointer.version / MANIFEST).is_file():
             raise RegistryError(
@@ -569,13 +375,11 @@ class ModelRegistry:
             # A prune that crashed between deleting a version and updating the pointer.
             kept = tuple(v for v in pointer.previous if v in names)
             pointer = replace(pointer, previous=kept)
-            _write_json_atomic(self.root / LIVE, pointer.to_dict())
+            write_pointer(self.root, pointer)
         for name in names:
-            directory = self._versions / name
-            for tmp in directory.glob(".*.tmp"):
-                _remove(tmp)
+            remove_temporary(self._versions / name)
             manifest = self._read_manifest(name)
-            state = _effective_state(manifest, pointer)
+            state = effective_state(manifest, pointer)
             if state != manifest.state:
                 self._write_manifest(replace(manifest, state=state, state_changed_at=time.time()))
 
@@ -591,78 +395,14 @@ class ModelRegistry:
         keep = {m.version for m in manifests[-self.keep_last :]} | protected
         deleted = [m.version for m in manifests if m.version not in keep]
         for version in deleted:
-            trash = self._trash / f"{version}-{uuid.uuid4().hex}"
-            try:
-                os.rename(self._versions / version, trash)
-            except OSError as exc:
-                raise RegistryError(f"cannot delete version {version}: {exc}") from None
-            _remove(trash)
+            delete_version(self._versions, self._trash, version)
         if deleted:
-            _step("prune:deleted")
+            reached("prune:deleted")
         if deleted and pointer is not None:
             kept_history = tuple(v for v in pointer.previous if v not in deleted)
             if kept_history != pointer.previous:
-                _write_json_atomic(
-                    self.root / LIVE, replace(pointer, previous=kept_history).to_dict()
-                )
+                write_pointer(self.root, replace(pointer, previous=kept_history))
         return deleted
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        path = self.root / ".lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise RegistryError(f"cannot open the registry lock {path}: {exc}") from None
-        try:
-            deadline = time.monotonic() + self.lock_timeout_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise RegistryError(f"cannot lock {path}: {exc}") from None
-                    if time.monotonic() >= deadline:
-                        raise RegistryError(
-                            f"the registry {self.root} stayed locked by another process for "
-                            f"{self.lock_timeout_s:g} s; retry later"
-                        ) from None
-                    time.sleep(0.02)
-            _step("lock:acquired")
-            try:
-                yield
-            finally:
-                _step("lock:releasing")
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-
-def _effective_state(manifest: Manifest, pointer: LivePointer | None) -> State:
-    if pointer is None:
-        return "retired" if manifest.state == "live" else manifest.state
-    if manifest.version == pointer.version:
-        return "live"
-    if manifest.version == pointer.retire and manifest.state == "live":
-        return pointer.retire_state
-    if manifest.state == "live":
-        return "retired"
-    return manifest.state
-
-
-def _check_version_name(version: str) -> None:
-    # fullmatch: re.match with "$" would accept a trailing newline ("v1\n").
-    if not isinstance(version, str) or not re.fullmatch(VERSION_PATTERN, version):
-        raise RegistryError(
-            f"invalid version name {version!r}: letters, digits, '.', '_' and '-', starting "
-            "with a letter or digit, at most 64 characters"
-        )
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return registry_lock(self.root, self.lock_timeout_s)
