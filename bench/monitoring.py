@@ -76,8 +76,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from daemon_rate import backlogged, wait_answered
 from distilld.demo.data import Row, load_rows
-from distilld.lifecycle import running_daemon
 from distilld.log import configure_logging
 from distilld.monitoring.config import (
     AccuracyMonitorConfig,
@@ -101,7 +101,6 @@ from distilld.shadow.sampler import segment_of
 from distilld.store.base import StoredComparison, TrafficSample
 from distilld.store.sqlite import SqliteStore
 from distilld.traffic.broker import EmbeddedBroker
-from distilld.traffic.replay import replay
 from serving import LABELS, student_dir, write_policy
 
 PARTS = ("drift", "false_alarms", "accuracy", "evidently", "serving")
@@ -572,15 +571,7 @@ def serving_policy(
 def serve(policy: Policy, settings: Settings, texts: list[str]) -> dict[str, Any]:
     """daemon_rate.daemon_rate's measurement (backlog first, group join to the last answer),
     plus what monitoring did meanwhile."""
-    lines = [
-        json.dumps({"id": f"b-{i}", "task": policy.task, "input": t}).encode()
-        for i, t in enumerate(texts)
-    ]
-    with running_daemon(settings, {policy.task: policy}) as daemon:
-        replay(daemon.kafka, lines, policy.traffic.requests_topic)
-        if not daemon.wait_ready(60):
-            raise SystemExit("daemon did not join its consumer group")
-        loop = daemon.loops[0]
+    with backlogged(policy, settings, texts) as daemon:
         monitoring = daemon.monitoring
 
         def runs() -> int:
@@ -589,8 +580,7 @@ def serve(policy: Policy, settings: Settings, texts: list[str]) -> dict[str, Any
         runs_before = runs()
         started = time.perf_counter()
         cpu_started = time.process_time()  # this process, every thread
-        while loop.stats.answered < len(texts):
-            time.sleep(0.005)
+        wait_answered(daemon, len(texts))
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
         runs_during = runs() - runs_before

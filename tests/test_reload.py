@@ -13,12 +13,15 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from distilld.lifecycle import RunningDaemon, serve
 from distilld.policy.load import load_policies
+from distilld.policy.model import Policy
 from distilld.policy.watch import PolicyWatcher, fingerprint
 from distilld.settings import KafkaConfig, Settings
 from distilld.traffic.broker import EmbeddedBroker
@@ -29,6 +32,32 @@ from support.wait import wait_until
 
 # How long a daemon may take to start, restart or refuse a reload on a busy machine.
 RESTART_S = 120
+
+
+@contextmanager
+def reloading_daemon(
+    settings: Settings, policy: Policy, policies_dir: Path
+) -> Iterator[tuple[list[RunningDaemon], threading.Thread]]:
+    """``lifecycle.serve`` on a thread, as ``distilld run`` serves (watching
+    ``policies_dir``), ready once its first daemon is; yields the daemons it started
+    (one more per accepted reload) and the thread; stops it and checks it ended."""
+    started: list[RunningDaemon] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve,
+        args=(settings, {policy.task: policy}, stop, policies_dir, started.append),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        wait_until(
+            lambda: len(started) == 1 and started[0].wait_ready(1), RESTART_S, message="first start"
+        )
+        yield started, thread
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
 
 
 def test_the_watcher_accepts_valid_changes_and_alerts_invalid_ones(
@@ -81,18 +110,7 @@ def test_a_running_daemon_applies_a_valid_policy_change_and_keeps_serving_on_an_
     traffic = served.policy.traffic
     path = next(served.policies_dir.glob("*.yaml"))
     settings = served.settings(broker).model_copy(update={"policy_reload_s": 0.3})
-    started: list[RunningDaemon] = []
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        args=(settings, {task: served.policy}, stop, served.policies_dir, started.append),
-        daemon=True,
-    )
-    thread.start()
-    try:
-        wait_until(
-            lambda: len(started) == 1 and started[0].wait_ready(1), RESTART_S, message="first start"
-        )
+    with reloading_daemon(settings, served.policy, served.policies_dir) as (started, _thread):
         kafka = started[0].kafka
         long_text = "a fine film " * 20  # 240 characters
 
@@ -139,10 +157,6 @@ def test_a_running_daemon_applies_a_valid_policy_change_and_keeps_serving_on_an_
         )
         assert any(r["id"] == "still" for r in answered)
         assert len(started) == 2
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not thread.is_alive()
 
 
 def test_the_watcher_refuses_a_valid_set_that_cannot_start_and_can_revert(
@@ -216,18 +230,7 @@ def test_a_reload_that_cannot_start_never_stops_the_daemon(
     path = next(served.policies_dir.glob("*.yaml"))
     original = path.read_text()
     settings = served.settings(broker).model_copy(update={"policy_reload_s": 0.3})
-    started: list[RunningDaemon] = []
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        args=(settings, {task: served.policy}, stop, served.policies_dir, started.append),
-        daemon=True,
-    )
-    thread.start()
-    try:
-        wait_until(
-            lambda: len(started) == 1 and started[0].wait_ready(1), RESTART_S, message="first start"
-        )
+    with reloading_daemon(settings, served.policy, served.policies_dir) as (started, thread):
         kafka = started[0].kafka
         answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "first")
 
@@ -274,10 +277,6 @@ def test_a_reload_that_cannot_start_never_stops_the_daemon(
         )
         assert len(started) == 2
         assert started[1].kafka.bootstrap_servers == kafka.bootstrap_servers
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not thread.is_alive()
 
 
 @pytest.mark.slow
@@ -296,18 +295,7 @@ def test_a_reload_keeps_the_embedded_broker_and_what_it_holds(
         policy_reload_s=0.3,
     )
     assert settings.kafka_bootstrap_servers is None  # the daemon starts its own broker
-    started: list[RunningDaemon] = []
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        args=(settings, {task: served.policy}, stop, served.policies_dir, started.append),
-        daemon=True,
-    )
-    thread.start()
-    try:
-        wait_until(
-            lambda: len(started) == 1 and started[0].wait_ready(1), RESTART_S, message="first start"
-        )
+    with reloading_daemon(settings, served.policy, served.policies_dir) as (started, _thread):
         kafka = started[0].kafka
         answered(kafka, task, traffic.responses_topic, traffic.requests_topic, "before")
 
@@ -326,7 +314,3 @@ def test_a_reload_keeps_the_embedded_broker_and_what_it_holds(
             timeout_s=60,
         )
         assert [r["id"] for r in responses].count("before") == 1
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not thread.is_alive()
