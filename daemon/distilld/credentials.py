@@ -17,11 +17,13 @@ Imports nothing of the daemon but its errors and the bounding helper.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from distilld.echo import clip
 from distilld.errors import ConfigError
+from distilld.modelpaths import resolve_secret_file
 
 #: Where error bodies and echoed answers are cut (characters, after masking).
 EXCERPT_CHARS = 200
@@ -159,3 +161,28 @@ def read_api_key(
     if not key:
         raise ConfigError(f"the API key file {file} ({field}.api_key_file) is empty")
     return key
+
+
+def policy_api_key(
+    *,
+    env: str | None,
+    file: str | None,
+    secrets_dir: Path | None,
+    field: str,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """A policy section's API key (``field``: ``teacher``, ``student.vllm``): its
+    ``api_key_env`` variable in ``environ`` (default the process environment) or its
+    ``api_key_file``, which must lie in ``secrets_dir`` (DISTILLD_SECRETS_DIR;
+    relative names resolve under it); None when the section names neither."""
+    key_file = (
+        None
+        if file is None
+        else resolve_secret_file(file, secrets_dir, field=f"{field}.api_key_file")
+    )
+    return read_api_key(
+        env=env,
+        file=key_file,
+        environ=os.environ if environ is None else environ,
+        field=field,
+    )

@@ -20,14 +20,13 @@ functions (:func:`check_vllm_student`, ``teacher_api_key``,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilld.credentials import read_api_key
+from distilld.credentials import policy_api_key
 from distilld.errors import ConfigError, DistilldError
-from distilld.modelpaths import resolve_data_file, resolve_model_dir, resolve_secret_file
+from distilld.modelpaths import resolve_data_file, resolve_model_dir
 from distilld.policy.model import Policy
 from distilld.registry import ModelRegistry
 from distilld.settings import Settings
@@ -112,16 +111,12 @@ def vllm_student_api_key(
     options = policy.student.vllm
     if options is None:
         return None
-    key_file = None
-    if options.api_key_file is not None:
-        key_file = resolve_secret_file(
-            options.api_key_file, secrets_dir, field="student.vllm.api_key_file"
-        )
-    return read_api_key(
+    return policy_api_key(
         env=options.api_key_env,
-        file=key_file,
-        environ=os.environ if environ is None else environ,
+        file=options.api_key_file,
+        secrets_dir=secrets_dir,
         field="student.vllm",
+        environ=environ,
     )
 
 

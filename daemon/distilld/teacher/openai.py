@@ -33,7 +33,6 @@ may echo a rejected key back in its error body).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -43,10 +42,9 @@ from typing import Any
 import httpx
 import jsonschema
 
-from distilld.credentials import read_api_key
+from distilld.credentials import policy_api_key
 from distilld.errors import BackendUnavailable, EndpointRefused, PolicyError
 from distilld.log import get_logger
-from distilld.modelpaths import resolve_secret_file
 from distilld.openai_http import (
     ChatAnswer,
     OpenAIHttp,
@@ -336,16 +334,12 @@ def teacher_api_key(
     raised by the preflight, before a policy set is started). ``api_key_file`` must
     lie in ``secrets_dir`` (DISTILLD_SECRETS_DIR; relative names are resolved under
     it): a policy cannot send any file the daemon can read as a bearer key."""
-    key_file = None
-    if config.api_key_file is not None:
-        key_file = resolve_secret_file(
-            config.api_key_file, secrets_dir, field="teacher.api_key_file"
-        )
-    return read_api_key(
+    return policy_api_key(
         env=config.api_key_env,
-        file=key_file,
-        environ=os.environ if environ is None else environ,
+        file=config.api_key_file,
+        secrets_dir=secrets_dir,
         field="teacher",
+        environ=environ,
     )
 
 
